@@ -1,0 +1,32 @@
+"""Probes: live while the process runs; ready only when every model is warm and not draining."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from app.api.errors import error_response
+from app.api.schemas import ErrorResponse, HealthStatus
+
+router = APIRouter(prefix="/health", tags=["health"])
+
+
+@router.get("/live", response_model=HealthStatus)
+async def live() -> HealthStatus:
+    """200 while the process can answer HTTP at all."""
+    return HealthStatus(status="live")
+
+
+@router.get(
+    "/ready",
+    response_model=HealthStatus,
+    responses={503: {"model": ErrorResponse, "description": "Loading, or shutting down."}},
+)
+async def ready(request: Request) -> HealthStatus | JSONResponse:
+    """200 only when every model is loaded and warmed and the server is not shutting down."""
+    serving = getattr(request.app.state, "serving", None)
+    if serving is None or not serving.ready:
+        return error_response(503, "not_ready", "models are loading")
+    if serving.draining:
+        return error_response(503, "draining", "the server is shutting down")
+    return HealthStatus(status="ready")

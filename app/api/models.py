@@ -1,0 +1,51 @@
+"""Model metadata."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import ModelDep, ServingDep
+from app.api.schemas import BatchingInfo, ErrorResponse, ModelInfo, ModelList, PreprocessingInfo
+from app.serving import ServedModel, Serving
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+def model_info(model: ServedModel, serving: Serving) -> ModelInfo:
+    spec, settings = model.spec, serving.settings
+    pre = spec.preprocessing
+    return ModelInfo(
+        name=spec.name,
+        default=spec.name == settings.default_model,
+        source=spec.config.model.source,
+        architecture=spec.config.model.architecture,
+        num_classes=len(spec.labels),
+        input_size=list(spec.input_size),
+        device=str(model.classifier.device),
+        dtype=str(model.classifier.dtype).removeprefix("torch."),
+        batching=BatchingInfo(
+            max_batch_size=model.batcher.max_batch_size,
+            max_batch_delay_ms=model.batcher.max_delay_s * 1000.0,
+            max_queue_size=model.batcher.max_queue_size,
+        ),
+        preprocessing=PreprocessingInfo(
+            resize=pre.resize,
+            crop=pre.crop,
+            interpolation=pre.interpolation,
+            color_mode=pre.color_mode,
+            mean=list(pre.mean),
+            std=list(pre.std),
+        ),
+    )
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(serving: ServingDep) -> ModelList:
+    """Every model this server serves."""
+    return ModelList(models=[model_info(m, serving) for m in serving.models.values()])
+
+
+@router.get("/models/{name}", response_model=ModelInfo, responses={404: {"model": ErrorResponse}})
+async def get_model_info(model: ModelDep, serving: ServingDep) -> ModelInfo:
+    """One model's metadata: classes, input size, batching, device and dtype."""
+    return model_info(model, serving)

@@ -1,0 +1,107 @@
+"""Response bodies, named by role, with examples for /docs."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ClassScore(BaseModel):
+    label: str = Field(description="Class name from the model's labels file.")
+    index: int = Field(description="Class index in the model's output.")
+    score: float = Field(description="Softmax probability, 0..1.")
+
+
+class ImagePrediction(BaseModel):
+    file: str = Field(description="The upload's filename, or 'body' for a raw image body.")
+    classes: list[ClassScore] = Field(description="The top-k classes, best first.")
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "efficientnet_lite0",
+                    "predictions": [
+                        {
+                            "file": "cat.jpg",
+                            "classes": [
+                                {"label": "Egyptian cat", "index": 285, "score": 0.355},
+                                {"label": "tabby", "index": 281, "score": 0.282},
+                            ],
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    model: str = Field(description="The model that answered.")
+    predictions: list[ImagePrediction] = Field(description="One entry per image, in upload order.")
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int
+    max_batch_delay_ms: float
+    max_queue_size: int
+
+
+class PreprocessingInfo(BaseModel):
+    resize: int | None
+    crop: int
+    interpolation: str
+    color_mode: str
+    mean: list[float]
+    std: list[float]
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "efficientnet_lite0",
+                    "default": True,
+                    "source": "timm",
+                    "architecture": "tf_efficientnet_lite0",
+                    "num_classes": 1000,
+                    "input_size": [3, 224, 224],
+                    "device": "cpu",
+                    "dtype": "float32",
+                    "batching": {
+                        "max_batch_size": 16,
+                        "max_batch_delay_ms": 5.0,
+                        "max_queue_size": 256,
+                    },
+                }
+            ]
+        }
+    )
+
+    name: str
+    default: bool = Field(description="Whether POST /v1/predict answers with this model.")
+    source: str = Field(description="timm, torchvision, torchscript or export.")
+    architecture: str | None
+    num_classes: int
+    input_size: list[int] = Field(description="Channels, height, width of the model input.")
+    device: str
+    dtype: str
+    batching: BatchingInfo
+    preprocessing: PreprocessingInfo
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class HealthStatus(BaseModel):
+    status: str = Field(examples=["ready"])
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["invalid_image"])
+    message: str = Field(examples=["cat.jpg: the image data is truncated or corrupt"])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

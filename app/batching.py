@@ -1,0 +1,213 @@
+"""Dynamic batching: a bounded queue, one future per item, one loop that forms batches.
+
+Generic over the item and result types; knows nothing of HTTP or torch. The compute function runs
+in the executor it is given (one worker thread per model), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+logger = logging.getLogger("evalserve.batching")
+
+
+class BatcherError(Exception):
+    """Base of the batcher's refusals and failures."""
+
+
+class QueueFull(BatcherError):
+    """The queue has no room for the request's items right now; retry later."""
+
+
+class TooManyItems(BatcherError):
+    """The request has more items than the queue can ever hold."""
+
+
+class DeadlineExceeded(BatcherError):
+    """The request's results did not arrive in time; its queued items were dropped."""
+
+
+class BatcherClosed(BatcherError):
+    """The batcher is shutting down and takes no new items."""
+
+
+class BatchFailed(BatcherError):
+    """The compute function raised on the batch this item was in (logged once, server-side)."""
+
+
+@dataclass(slots=True)
+class _Item(Generic[T, R]):
+    payload: T
+    future: asyncio.Future[R]
+    enqueued_at: float
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """Running totals, for tests and metrics."""
+
+    batches: int = 0
+    items: int = 0
+    largest_batch: int = 0
+    failed_batches: int = 0
+
+
+class Batcher(Generic[T, R]):
+    """Collects items from concurrent callers into batches for ``compute``.
+
+    A batch closes when it holds ``max_batch_size`` items or when ``max_delay_s`` has passed since
+    its first item *arrived* (so items that queued while the previous batch ran do not wait again).
+    While one batch computes, the next keeps gathering in the queue.
+    """
+
+    def __init__(
+        self,
+        compute: Callable[[list[T]], Sequence[R]],
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_size: int,
+        name: str = "batcher",
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
+        self._compute = compute
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_size = max_queue_size
+        self.name = name
+        self.stats = BatchStats()
+        # A deque we own rather than asyncio.Queue: waiting is on an Event, so a timed-out wait
+        # can never swallow an item, and cancelled items can be pruned when room is needed.
+        self._items: deque[_Item[T, R]] = deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Items waiting (not yet taken into a batch)."""
+        return len(self._items)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"batcher:{self.name}"
+            )
+
+    async def stop(self) -> None:
+        """Refuse new items, finish every item already queued, then end the loop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def submit(self, payloads: Sequence[T], timeout: float) -> list[R]:  # noqa: ASYNC109
+        """Queue ``payloads`` together and wait for their results, in order.
+
+        All or nothing: either every item is queued or the call fails at once with
+        ``QueueFull``/``TooManyItems``/``BatcherClosed``. On timeout or cancellation the items still
+        queued are dropped (never computed).
+        """
+        count = len(payloads)
+        if count > self.max_queue_size:
+            raise TooManyItems(f"{count} items, the queue holds at most {self.max_queue_size}")
+        if self._closing or self._task is None:
+            raise BatcherClosed(f"{self.name} is not accepting work")
+        if self.max_queue_size - len(self._items) < count:
+            self._prune_done()
+            if self.max_queue_size - len(self._items) < count:
+                raise QueueFull(f"{self.name} queue is full ({len(self._items)} waiting)")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        futures: list[asyncio.Future[R]] = []
+        for payload in payloads:
+            future: asyncio.Future[R] = loop.create_future()
+            self._items.append(_Item(payload, future, now))
+            futures.append(future)
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(timeout):
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            raise DeadlineExceeded(f"no result within {timeout:.3f}s") from None
+        finally:
+            # Timed out, cancelled, or a sibling failed: the loop skips futures that are done.
+            for future in futures:
+                future.cancel()
+
+    def _prune_done(self) -> None:
+        self._items = deque(item for item in self._items if not item.future.done())
+
+    def _pop_live(self) -> _Item[T, R] | None:
+        while self._items:
+            item = self._items.popleft()
+            if not item.future.done():
+                return item
+        return None
+
+    async def _collect(self) -> list[_Item[T, R]] | None:
+        """The next batch, or None once closing with nothing left."""
+        loop = asyncio.get_running_loop()
+        first = self._pop_live()
+        while first is None:
+            if self._closing:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+            first = self._pop_live()
+        batch = [first]
+        close_at = first.enqueued_at + self.max_delay_s
+        while len(batch) < self.max_batch_size:
+            item = self._pop_live()
+            if item is not None:
+                batch.append(item)
+                continue
+            remaining = close_at - loop.time()
+            if remaining <= 0 or self._closing:
+                break
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (batch := await self._collect()) is not None:
+            # Items whose caller gave up while the batch gathered are not computed.
+            live = [item for item in batch if not item.future.done()]
+            if not live:
+                continue
+            try:
+                outputs = await loop.run_in_executor(
+                    self._executor, self._compute, [item.payload for item in live]
+                )
+                pairs = list(zip(live, outputs, strict=True))
+            except Exception as exc:
+                self.stats.failed_batches += 1
+                logger.exception("%s: a batch of %d items failed", self.name, len(live))
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(BatchFailed(f"batch failed: {exc!r}"))
+                continue
+            self.stats.batches += 1
+            self.stats.items += len(live)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(live))
+            for item, output in pairs:
+                if not item.future.done():
+                    item.future.set_result(output)

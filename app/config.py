@@ -1,0 +1,78 @@
+"""The one settings object; every field reads an ``EVALSERVE_``-prefixed environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """evalserve's configuration, passed explicitly to ``create_app(settings)``."""
+
+    model_config = SettingsConfigDict(env_prefix="EVALSERVE_", extra="forbid")
+
+    model_repository: Path = Field(
+        default=Path("models"),
+        description="Directory holding one folder per model, each with a model.toml.",
+    )
+    default_model: str = Field(
+        default="efficientnet_lite0",
+        min_length=1,
+        description="Model answered by POST /v1/predict; must exist in the repository.",
+    )
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where models run: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
+    )
+    max_batch_size: int = Field(
+        default=16, ge=1, le=1024, description="Most images in one forward pass."
+    )
+    max_batch_delay_ms: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=10_000.0,
+        description="Longest an image waits for others to join its batch, from its arrival.",
+    )
+    max_queue_size: int = Field(
+        default=256,
+        ge=1,
+        le=1_000_000,
+        description="Images that may wait per model; a request that does not fit gets 503.",
+    )
+    request_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3600.0,
+        description="Longest a request waits for its predictions before it is answered 504.",
+    )
+    default_top_k: int = Field(
+        default=5, ge=1, le=1000, description="Classes returned per image when top_k is not given."
+    )
+    max_upload_bytes: int = Field(
+        default=20 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted, in bytes; larger bodies get 413.",
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        ge=1,
+        description="Largest decoded image (width x height); larger ones get 413.",
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=512,
+        description="Intra-op threads of the model's worker thread; unset keeps torch's choice.",
+    )
+    decode_threads: int = Field(
+        default=4, ge=1, le=256, description="Threads that decode and resize uploaded images."
+    )
+    host: str = Field(default="127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port the HTTP server binds.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        default="info", description="Server log level."
+    )

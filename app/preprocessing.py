@@ -1,0 +1,140 @@
+"""Bytes to a checked, decoded, resized uint8 array: pure functions, safe to run in a thread pool.
+
+Normalisation and the move to the device happen once per batch in the runtime, not here, so the
+arrays that cross into the batcher stay small (uint8) and torch-free.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.repository import PreprocessingSection
+
+# Formats a client may send. Pillow would open more (e.g. PSD, EPS); a server should not.
+# (Multi-picture JPEGs from phones open through the JPEG plugin.)
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class ImageError(Exception):
+    """An upload that cannot become a model input; ``name`` says which one."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.message = message
+
+
+class BadImage(ImageError):
+    """Not an image, an unsupported format, or a truncated or corrupt file."""
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than the server accepts (a decompression bomb, or just too big)."""
+
+
+def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Decode one upload to a fully loaded, upright RGB or L image.
+
+    The pixel limit is checked from the header, before any pixel data is decoded.
+    """
+    if not data:
+        raise BadImage(name, "the file is empty")
+    # Image.open(formats=...) needs every named plugin registered; init() is a no-op once done.
+    Image.init()
+    try:
+        image: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(name, f"the image has too many pixels ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise BadImage(
+            name, "not a supported image (JPEG, PNG, WebP, BMP, GIF or TIFF expected)"
+        ) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise BadImage(name, f"the image header is corrupt ({exc})") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            name, f"{width}x{height} is {width * height} pixels, the limit is {max_pixels}"
+        )
+    try:
+        image.load()  # GIF and multi-page TIFF: the first frame
+        image = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise BadImage(name, f"the image data is truncated or corrupt ({exc})") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(name, f"the image has too many pixels ({exc})") from exc
+    return image
+
+
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+    if image.mode == mode:
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        # Palette transparency must go through RGBA, or Pillow warns and may mis-map colours.
+        image = image.convert("RGBA")
+    if mode == "L" and image.mode not in ("RGB", "RGBA", "L"):
+        image = image.convert("RGB")
+    return image.convert(mode)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageTransform:
+    """Resize (shorter side), center crop and colour conversion of one model, built once.
+
+    Matches torchvision's ``Resize(int)`` and ``CenterCrop`` on PIL images exactly, so the served
+    input equals a reference ``transforms.Compose`` pipeline's.
+    """
+
+    resize: int | None
+    crop: int
+    mode: str
+    resample: Image.Resampling
+
+    @classmethod
+    def from_spec(cls, spec: PreprocessingSection) -> ImageTransform:
+        return cls(
+            resize=spec.resize,
+            crop=spec.crop,
+            mode=spec.color_mode,
+            resample=_RESAMPLE[spec.interpolation],
+        )
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """uint8 array of shape (crop, crop, channels)."""
+        image = _to_mode(image, self.mode)
+        if self.resize is not None:
+            width, height = image.size
+            short, long = min(width, height), max(width, height)
+            new_short, new_long = self.resize, int(self.resize * long / short)
+            size = (new_short, new_long) if width <= height else (new_long, new_short)
+            if size != image.size:
+                image = image.resize(size, self.resample)
+        width, height = image.size
+        top = round((height - self.crop) / 2.0)
+        left = round((width - self.crop) / 2.0)
+        # PIL pads with zeros where the crop box leaves the image, as torchvision does.
+        image = image.crop((left, top, left + self.crop, top + self.crop))
+        array = np.asarray(image, dtype=np.uint8)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        return array
+
+
+def load_image(data: bytes, name: str, max_pixels: int, transform: ImageTransform) -> np.ndarray:
+    """Decode, check and transform one upload."""
+    try:
+        return transform(decode(data, name, max_pixels))
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Pillow decodes some formats lazily, on first pixel access during the transform.
+        raise BadImage(name, f"the image data is truncated or corrupt ({exc})") from exc

@@ -1,0 +1,200 @@
+"""The only code that touches torch devices: build, load, eval, warm up and run one model.
+
+Every forward pass runs in the model's own worker thread, under ``torch.inference_mode()`` entered
+in that thread; torch's thread count is set in that thread too, since both are per-thread state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from app.keymaps import KEY_MAPS
+from app.repository import ModelConfigError, ModelSpec
+
+logger = logging.getLogger("evalserve.runtime")
+
+# One image's input for a batch: its uint8 (H, W, C) array and how many classes it wants back.
+Request = tuple[np.ndarray, int]
+# One image's answer: its top-k scores and class indices, best first.
+TopK = tuple[list[float], list[int]]
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; an explicit CUDA device must exist."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"device {requested!r} requested but only {torch.cuda.device_count()} GPUs exist"
+            )
+    return device
+
+
+def build_module(spec: ModelSpec) -> nn.Module:
+    """The network of ``spec`` with its weights loaded, on the CPU, not yet in eval mode."""
+    source = spec.config.model.source
+    try:
+        if source == "torchscript":
+            assert spec.model_file is not None
+            return torch.jit.load(str(spec.model_file), map_location="cpu")
+        if source == "export":
+            assert spec.model_file is not None
+            return torch.export.load(str(spec.model_file)).module()
+        module = _build_architecture(spec)
+    except ModelConfigError:
+        raise
+    except Exception as exc:
+        raise ModelConfigError(spec.name, f"cannot build the model: {exc}") from exc
+    if spec.weights_path is not None:
+        _load_weights(spec, module)
+    return module
+
+
+def _build_architecture(spec: ModelSpec) -> nn.Module:
+    section = spec.config.model
+    assert section.architecture is not None
+    kwargs: dict[str, Any] = {"num_classes": len(spec.labels), **section.kwargs}
+    if section.source == "timm":
+        import timm
+
+        if not timm.is_model(section.architecture):
+            raise ModelConfigError(spec.name, f"timm has no architecture {section.architecture!r}")
+        return timm.create_model(section.architecture, pretrained=False, **kwargs)
+    import torchvision
+
+    if section.architecture not in torchvision.models.list_models():
+        raise ModelConfigError(
+            spec.name, f"torchvision has no architecture {section.architecture!r}"
+        )
+    return torchvision.models.get_model(section.architecture, weights=None, **kwargs)
+
+
+def _load_weights(spec: ModelSpec, module: nn.Module) -> None:
+    weights = spec.config.weights
+    assert weights is not None and spec.weights_path is not None
+    try:
+        state = torch.load(spec.weights_path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelConfigError(
+            spec.name, f"cannot read weights {spec.weights_path}: {exc}"
+        ) from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelConfigError(spec.name, f"weights {spec.weights_path} hold no state dict")
+    if weights.key_map is not None:
+        if weights.key_map not in KEY_MAPS:
+            raise ModelConfigError(
+                spec.name,
+                f"unknown weights.key_map {weights.key_map!r} (known: {', '.join(KEY_MAPS)})",
+            )
+        try:
+            state = KEY_MAPS[weights.key_map](state, module)
+        except KeyError as exc:
+            raise ModelConfigError(spec.name, f"key_map {weights.key_map}: {exc}") from exc
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        # torch's message lists every missing/unexpected key; the first lines say enough.
+        summary = " ".join(str(exc).split())[:500]
+        raise ModelConfigError(
+            spec.name, f"weights do not fit the architecture: {summary}"
+        ) from exc
+
+
+class Classifier:
+    """One model, loaded once, in eval mode, on its device, run by its own worker thread."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, torch_threads: int | None) -> None:
+        self.spec = spec
+        self.device = device
+        self.dtype = torch.float32
+        self._torch_threads = torch_threads
+        self._worker_ident: int | None = None
+        # One thread runs every forward pass of this model, so batches never race each other for
+        # the same cores, and per-thread torch state is set once, here.
+        self.executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=f"model-{spec.name}",
+            initializer=self._init_worker,
+        )
+        self.module = self._load()
+        pre = spec.preprocessing
+        shape = (1, pre.channels, 1, 1)
+        self._mean = torch.tensor(pre.mean, dtype=self.dtype, device=device).view(shape)
+        self._std = torch.tensor(pre.std, dtype=self.dtype, device=device).view(shape)
+
+    def _init_worker(self) -> None:
+        self._worker_ident = threading.get_ident()
+        if self._torch_threads is not None:
+            torch.set_num_threads(self._torch_threads)
+
+    @property
+    def worker_thread_id(self) -> int | None:
+        return self._worker_ident
+
+    def _load(self) -> nn.Module:
+        module = build_module(self.spec)
+        module.eval()
+        module.requires_grad_(False)
+        try:
+            return module.to(self.device)
+        except Exception as exc:
+            raise ModelConfigError(
+                self.spec.name, f"cannot move the model to {self.device}: {exc}"
+            ) from exc
+
+    def warm_up(self, batch_size: int) -> None:
+        """One forward pass at ``batch_size`` in the worker thread; checks the output shape."""
+        channels, height, width = self.spec.input_size
+        blank = np.zeros((height, width, channels), dtype=np.uint8)
+        try:
+            self.executor.submit(self.predict, [(blank, 1)] * batch_size).result()
+        except ModelConfigError:
+            raise
+        except Exception as exc:
+            raise ModelConfigError(self.spec.name, f"warm-up forward pass failed: {exc}") from exc
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits of a normalised batch. Call only from the worker, under inference mode."""
+        return self.module(batch)
+
+    def predict(self, requests: Sequence[Request]) -> list[TopK]:
+        """Top-k classes of a batch. Runs in the worker thread (``self.executor``)."""
+        with torch.inference_mode():
+            stacked = torch.from_numpy(np.stack([array for array, _ in requests]))
+            # One host-to-device copy of uint8, then convert and normalise on the device.
+            batch = stacked.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            batch = batch.to(self.dtype).div_(255.0).sub_(self._mean).div_(self._std)
+            logits = self._forward(batch.contiguous())
+            if logits.ndim != 2 or logits.shape != (len(requests), len(self.spec.labels)):
+                raise ModelConfigError(
+                    self.spec.name,
+                    f"model output has shape {tuple(logits.shape)}, expected "
+                    f"({len(requests)}, {len(self.spec.labels)}) for "
+                    f"{len(self.spec.labels)} labels",
+                )
+            k = min(max(top for _, top in requests), logits.shape[1])
+            scores, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
+            scores_list, indices_list = scores.cpu().tolist(), indices.cpu().tolist()
+        return [
+            (row_scores[:top], row_indices[:top])
+            for row_scores, row_indices, (_, top) in zip(
+                scores_list, indices_list, requests, strict=True
+            )
+        ]
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)

@@ -1,0 +1,107 @@
+"""Everything a running server owns: its models, their batchers, and the decode pool.
+
+``open_serving(settings)`` loads, warms and starts every model of the repository, yields the
+state, and on exit stops taking work, finishes what was queued, and frees the threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from app.batching import Batcher
+from app.config import Settings
+from app.preprocessing import ImageTransform
+from app.repository import ModelSpec, discover
+from app.runtime import Classifier, Request, TopK, resolve_device
+
+logger = logging.getLogger("evalserve")
+
+
+@dataclass(slots=True)
+class ServedModel:
+    spec: ModelSpec
+    classifier: Classifier
+    batcher: Batcher[Request, TopK]
+    transform: ImageTransform
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(slots=True)
+class Serving:
+    settings: Settings
+    models: dict[str, ServedModel]
+    decode_pool: ThreadPoolExecutor
+    ready: bool = False
+    draining: bool = False
+
+    @property
+    def default_model(self) -> ServedModel:
+        return self.models[self.settings.default_model]
+
+
+def _load_model(spec: ModelSpec, settings: Settings) -> Classifier:
+    device = resolve_device(settings.device)
+    classifier = Classifier(spec, device, settings.torch_threads)
+    try:
+        classifier.warm_up(settings.max_batch_size)
+    except BaseException:
+        classifier.close()
+        raise
+    return classifier
+
+
+@contextlib.asynccontextmanager
+async def open_serving(settings: Settings) -> AsyncIterator[Serving]:
+    """Load and warm every model (raising on the first that fails), then serve until exit."""
+    specs = await asyncio.to_thread(discover, settings.model_repository)
+    if settings.default_model not in specs:
+        raise ValueError(
+            f"default model {settings.default_model!r} is not in the repository "
+            f"{str(settings.model_repository)!r} (found: {', '.join(specs)})"
+        )
+    decode_pool = ThreadPoolExecutor(
+        max_workers=settings.decode_threads, thread_name_prefix="decode"
+    )
+    models: dict[str, ServedModel] = {}
+    serving = Serving(settings=settings, models=models, decode_pool=decode_pool)
+    try:
+        for name, spec in specs.items():
+            logger.info("loading model %s (%s)", name, spec.config.model.source)
+            # Loading reads files and runs a forward pass: keep it off the event loop.
+            classifier = await asyncio.to_thread(_load_model, spec, settings)
+            batcher: Batcher[Request, TopK] = Batcher(
+                classifier.predict,
+                classifier.executor,
+                max_batch_size=settings.max_batch_size,
+                max_delay_s=settings.max_batch_delay_ms / 1000.0,
+                max_queue_size=settings.max_queue_size,
+                name=name,
+            )
+            models[name] = ServedModel(
+                spec, classifier, batcher, ImageTransform.from_spec(spec.preprocessing)
+            )
+            batcher.start()
+            logger.info(
+                "model %s ready on %s: %d classes, input %s",
+                name,
+                classifier.device,
+                len(spec.labels),
+                "x".join(map(str, spec.input_size)),
+            )
+        serving.ready = True
+        yield serving
+    finally:
+        serving.ready = False
+        serving.draining = True
+        for model in models.values():
+            await model.batcher.stop()
+            model.classifier.close()
+        decode_pool.shutdown(wait=True)
