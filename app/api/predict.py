@@ -155,11 +155,15 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
+    if not task.done():
+        task.cancel()
+        # Let the cancellation run, so the batcher sees the dropped futures before we answer.
+        await asyncio.gather(task, return_exceptions=True)
         raise BadRequest("the client disconnected")
     return task.result()
 

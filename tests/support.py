@@ -1,0 +1,61 @@
+"""Shared test helpers (importable as ``support``): the committed photographs and Settings pointed at the real repository."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from pathlib import Path
+from typing import Any
+
+
+from app.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+MODELS = ROOT / "models"
+DEFAULT_MODEL = "efficientnet_lite0"
+CAT_CLASSES = {"Egyptian cat", "tabby", "tiger cat"}
+COFFEE_CLASSES = {"espresso", "cup"}
+PHOTOS = [
+    "chelsea.jpg",
+    "coffee.jpg",
+    "rocket.jpg",
+    "astronaut.jpg",
+    "motorcycle.jpg",
+    "retina.jpg",
+    "hubble.jpg",
+    "camera.jpg",
+]
+
+
+def photo(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings for a test server: the real repository, CPU unless a test asks otherwise."""
+    values: dict[str, Any] = {"model_repository": MODELS, "device": "cpu", "torch_threads": 2}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with almost no pixel data (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def jpeg_of(image: Any, **save: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **save)
+    return buffer.getvalue()
