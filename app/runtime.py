@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -48,10 +49,12 @@ def build_module(spec: ModelSpec) -> nn.Module:
     try:
         if source == "torchscript":
             assert spec.model_file is not None
-            return torch.jit.load(str(spec.model_file), map_location="cpu")
+            return _load_torchscript(spec)
         if source == "export":
             assert spec.model_file is not None
-            return torch.export.load(str(spec.model_file)).module()
+            module = torch.export.load(str(spec.model_file)).module()
+            _require_eval_graph(spec, module)
+            return module
         module = _build_architecture(spec)
     except ModelConfigError:
         raise
@@ -59,6 +62,44 @@ def build_module(spec: ModelSpec) -> nn.Module:
         raise ModelConfigError(spec.name, f"cannot build the model: {exc}") from exc
     if spec.weights_path is not None:
         _load_weights(spec, module)
+    return module
+
+
+_TRAINING_FLAGS = ("training", "train", "use_input_stats")
+
+
+def _require_eval_graph(spec: ModelSpec, module: nn.Module) -> None:
+    """An exported program cannot be switched to eval mode after export (torch raises on
+    ``.eval()``); its mode is baked into the graph. Refuse one captured in train mode."""
+    graph = getattr(module, "graph", None)
+    for node in graph.nodes if graph is not None else ():
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None:
+            continue
+        for position, argument in enumerate(schema.arguments):
+            if argument.name not in _TRAINING_FLAGS:
+                continue
+            value = node.args[position] if position < len(node.args) else node.kwargs.get(
+                argument.name, argument.default_value
+            )
+            if value is True:
+                raise ModelConfigError(
+                    spec.name,
+                    f"the exported program runs {node.target} in training mode; "
+                    "call model.eval() before torch.export.export",
+                )
+
+
+def _load_torchscript(spec: ModelSpec) -> nn.Module:
+    # PyTorch deprecates TorchScript (a FutureWarning on every load) but people still ship it:
+    # say so once in our log instead of letting the warning escape into every start-up.
+    logger.warning(
+        "model %s: TorchScript is deprecated by PyTorch; torch.export (.pt2) is its successor",
+        spec.name,
+    )
+    with warnings.catch_warnings():  # start-up only, so the global filter swap races nothing
+        warnings.filterwarnings("ignore", r".*torch\.jit\.load.* is deprecated", FutureWarning)
+        module: nn.Module = torch.jit.load(str(spec.model_file), map_location="cpu")
     return module
 
 
@@ -147,8 +188,10 @@ class Classifier:
 
     def _load(self) -> nn.Module:
         module = build_module(self.spec)
-        module.eval()
-        module.requires_grad_(False)
+        if self.spec.config.model.source != "export":  # exported graphs are checked at load
+            module.eval()
+        for parameter in module.parameters():  # (ScriptModules lack requires_grad_)
+            parameter.requires_grad_(False)
         try:
             return module.to(self.device)
         except Exception as exc:

@@ -1,0 +1,385 @@
+"""Decoding uploads and the resize / center-crop transform, on real photographs.
+
+The photographs in tests/fixtures come from scikit-image's sample data (see make_fixtures.py).
+Variants in other formats and modes are encoded in memory from them.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from app.preprocessing import (
+    BadImage,
+    ImageTooLarge,
+    ImageTransform,
+    decode,
+    load_image,
+)
+from app.repository import PreprocessingSection
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+MAX_PIXELS = 40_000_000  # the server's default limit
+
+
+def spec(**overrides) -> PreprocessingSection:
+    fields = {"resize": 256, "crop": 224, "interpolation": "bilinear", **IMAGENET}
+    fields.update(overrides)
+    return PreprocessingSection(**fields)
+
+
+def imagenet_transform() -> ImageTransform:
+    return ImageTransform.from_spec(spec())
+
+
+def photo(name: str) -> Image.Image:
+    with Image.open(FIXTURES / name) as image:
+        image.load()
+        return image.copy()
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A well-formed PNG header for an 8-bit RGB image of the given size, with almost no data."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+# --- the transform against torchvision's reference pipeline -----------------------------------
+
+
+def reference(image: Image.Image, resize: int = 256, crop: int = 224) -> np.ndarray:
+    pipeline = transforms.Compose(
+        [
+            transforms.Resize(resize, interpolation=InterpolationMode.BILINEAR),
+            transforms.CenterCrop(crop),
+        ]
+    )
+    return np.asarray(pipeline(image))
+
+
+def _small(name: str) -> Image.Image:
+    image = photo(name)
+    image.thumbnail((200, 200), Image.Resampling.LANCZOS)
+    return image
+
+
+PHOTOS = {
+    "chelsea-landscape": lambda: photo("chelsea.jpg"),
+    "chelsea-png": lambda: photo("chelsea.png"),
+    "coffee-landscape": lambda: photo("coffee.jpg"),
+    "rocket-landscape": lambda: photo("rocket.jpg"),
+    "rocket-portrait": lambda: photo("rocket.jpg").transpose(Image.Transpose.ROTATE_90),
+    "coffee-portrait": lambda: photo("coffee.png").transpose(Image.Transpose.TRANSPOSE),
+    "astronaut-square": lambda: photo("astronaut.jpg"),
+    "hubble-odd-size": lambda: photo("hubble.jpg"),
+    "chelsea-smaller-than-resize": lambda: _small("chelsea.jpg"),
+    "rocket-portrait-smaller-than-crop": lambda: _small("rocket.jpg").transpose(
+        Image.Transpose.ROTATE_270
+    ),
+}
+
+
+@pytest.mark.parametrize("make", PHOTOS.values(), ids=PHOTOS.keys())
+def test_transform_matches_torchvision_pixel_for_pixel(make):
+    image = make().convert("RGB")
+
+    out = imagenet_transform()(image)
+
+    assert out.shape == (224, 224, 3)
+    assert out.dtype == np.uint8
+    assert np.array_equal(out, reference(image))
+
+
+def test_portrait_and_landscape_are_resized_on_their_shorter_side():
+    landscape = photo("coffee.jpg")  # 600 x 400
+    portrait = landscape.transpose(Image.Transpose.TRANSPOSE)  # 400 x 600
+    transform = ImageTransform.from_spec(spec(resize=256, crop=256))
+
+    # Cropping a square of the shorter side keeps the transposition: no squashing either way.
+    # (Equal up to rounding: PIL resizes in two passes, so the order of the passes shows.)
+    difference = transform(portrait).astype(int) - transform(landscape).transpose(1, 0, 2)
+    assert np.abs(difference).max() <= 1
+
+
+@pytest.mark.parametrize("size", [(221, 221), (217, 230), (220, 219), (300, 223)])
+def test_crop_larger_than_the_image_pads_like_torchvision(size):
+    rng = np.random.default_rng(7)
+    image = Image.fromarray(rng.integers(1, 256, (size[1], size[0], 3), dtype=np.uint8))
+    transform = ImageTransform.from_spec(spec(resize=None, crop=224))
+
+    out = transform(image)
+
+    assert out.shape == (224, 224, 3)
+    assert np.array_equal(out, np.asarray(transforms.CenterCrop(224)(image)))
+
+
+def test_grayscale_color_mode_gives_one_channel():
+    image = photo("chelsea.jpg")
+    transform = ImageTransform.from_spec(spec(color_mode="L", mean=(0.5,), std=(0.25,)))
+
+    out = transform(image)
+
+    assert out.shape == (224, 224, 1)
+    assert out.dtype == np.uint8
+    assert np.array_equal(out[:, :, 0], reference(image.convert("L")))
+
+
+def test_grayscale_photo_becomes_three_equal_channels():
+    image = photo("camera.jpg")
+    assert image.mode == "L"
+
+    out = imagenet_transform()(image)
+
+    assert out.shape == (224, 224, 3)
+    assert np.array_equal(out[:, :, 0], out[:, :, 1])
+    assert np.array_equal(out[:, :, 1], out[:, :, 2])
+    assert np.array_equal(out, reference(image.convert("RGB")))
+
+
+# --- decoding formats and modes ---------------------------------------------------------------
+
+
+LOSSLESS = {
+    "PNG": {},
+    "WEBP": {"lossless": True},
+    "BMP": {},
+    "TIFF": {},
+}
+
+
+@pytest.mark.parametrize("fmt", LOSSLESS, ids=str.lower)
+def test_lossless_formats_decode_to_the_original_pixels(fmt):
+    original = photo("chelsea.png")
+
+    decoded = decode(encode(original, fmt, **LOSSLESS[fmt]), f"chelsea.{fmt.lower()}", MAX_PIXELS)
+
+    assert decoded.size == original.size
+    assert np.array_equal(np.asarray(decoded.convert("RGB")), np.asarray(original))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "GIF"], ids=str.lower)
+def test_lossy_formats_decode_close_to_the_original(fmt):
+    original = photo("chelsea.png")
+    data = encode(original, fmt)
+
+    out = load_image(data, f"chelsea.{fmt.lower()}", MAX_PIXELS, imagenet_transform())
+
+    expected = imagenet_transform()(original)
+    assert out.shape == (224, 224, 3)
+    difference = np.abs(out.astype(int) - expected.astype(int)).mean()
+    assert difference < 12  # same picture, up to compression / palette error
+
+
+def test_animated_gif_gives_its_first_frame():
+    red = Image.new("RGB", (64, 48), (255, 0, 0))
+    blue = Image.new("RGB", (64, 48), (0, 0, 255))
+    data = encode(red, "GIF", save_all=True, append_images=[blue], duration=100, loop=0)
+    with Image.open(io.BytesIO(data)) as check:
+        assert check.n_frames == 2
+
+    out = load_image(data, "blink.gif", MAX_PIXELS, ImageTransform.from_spec(spec(crop=200)))
+
+    assert out.shape == (200, 200, 3)
+    assert np.all(out == np.array([255, 0, 0], dtype=np.uint8))
+
+
+def test_multipage_tiff_gives_its_first_page():
+    green = Image.new("RGB", (40, 30), (0, 200, 0))
+    black = Image.new("RGB", (40, 30), (0, 0, 0))
+    data = encode(green, "TIFF", save_all=True, append_images=[black])
+
+    decoded = decode(data, "pages.tiff", MAX_PIXELS)
+
+    assert decoded.size == (40, 30)
+    assert decoded.convert("RGB").getpixel((20, 15)) == (0, 200, 0)
+
+
+def _rgba() -> bytes:
+    image = photo("chelsea.png").convert("RGBA")
+    image.putalpha(128)
+    return encode(image, "PNG")
+
+
+def _cmyk() -> bytes:
+    return encode(photo("chelsea.png").convert("CMYK"), "JPEG", quality=95)
+
+
+def _palette() -> bytes:
+    return encode(photo("chelsea.png").quantize(64), "PNG")
+
+
+def _grayscale() -> bytes:
+    return (FIXTURES / "camera.jpg").read_bytes()
+
+
+MODES = {"RGBA": _rgba, "CMYK": _cmyk, "P": _palette, "L": _grayscale}
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str.lower)
+def test_every_color_mode_comes_out_as_three_channel_rgb(mode):
+    data = MODES[mode]()
+    assert decode(data, "upload", MAX_PIXELS).mode == mode
+
+    out = load_image(data, "upload", MAX_PIXELS, imagenet_transform())
+
+    assert out.shape == (224, 224, 3)
+    assert out.dtype == np.uint8
+
+
+def test_cmyk_jpeg_keeps_its_colours():
+    original = photo("chelsea.png")
+
+    out = load_image(_cmyk(), "cmyk.jpg", MAX_PIXELS, imagenet_transform())
+
+    difference = np.abs(out.astype(int) - imagenet_transform()(original).astype(int)).mean()
+    assert difference < 5  # not inverted, not channel-swapped
+
+
+def test_palette_png_with_alpha_transparency_converts_without_warning():
+    palette = photo("chelsea.png").quantize(16)
+    alpha = bytes([0, 64, 128, 192] + [255] * 12)
+    data = encode(palette, "PNG", transparency=alpha)
+    with Image.open(io.BytesIO(data)) as check:
+        assert check.mode == "P"
+        assert isinstance(check.info["transparency"], bytes)
+        # The hazard this guards against: the naive conversion warns.
+        with pytest.warns(UserWarning, match="Transparency"):
+            check.convert("RGB")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = load_image(data, "sticker.png", MAX_PIXELS, imagenet_transform())
+        gray = load_image(
+            data,
+            "sticker.png",
+            MAX_PIXELS,
+            ImageTransform.from_spec(spec(color_mode="L", mean=(0.5,), std=(0.25,))),
+        )
+
+    assert out.shape == (224, 224, 3)
+    assert gray.shape == (224, 224, 1)
+
+
+def test_exif_orientation_is_applied():
+    # Left half red, right half blue, stored landscape; orientation 6 means "rotate 90 clockwise".
+    stored = Image.new("RGB", (80, 40), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 40, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(stored, "JPEG", exif=exif, quality=95)
+
+    upright = decode(data, "phone.jpg", MAX_PIXELS)
+
+    assert upright.size == (40, 80)
+    top, bottom = upright.getpixel((20, 10)), upright.getpixel((20, 70))
+    assert top[0] > 200 and top[2] < 50  # the stored left (red) is now on top
+    assert bottom[2] > 200 and bottom[0] < 50
+
+
+def test_load_image_is_decode_then_transform():
+    data = (FIXTURES / "rocket.jpg").read_bytes()
+    transform = imagenet_transform()
+
+    out = load_image(data, "rocket.jpg", MAX_PIXELS, transform)
+
+    assert np.array_equal(out, transform(decode(data, "rocket.jpg", MAX_PIXELS)))
+    assert np.array_equal(out, reference(photo("rocket.jpg")))
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def _half(name: str) -> bytes:
+    data = (FIXTURES / name).read_bytes()
+    return data[: len(data) // 2]
+
+
+BROKEN = {
+    "notes.txt": lambda: b"these are not the pixels you are looking for\n" * 20,
+    "empty.jpg": lambda: b"",
+    "cut-short.jpg": lambda: _half("chelsea.jpg"),
+    "cut-short.png": lambda: _half("chelsea.png"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_broken_uploads_raise_bad_image_naming_the_file(name):
+    data = BROKEN[name]()
+
+    with pytest.raises(BadImage) as caught:
+        load_image(data, name, MAX_PIXELS, imagenet_transform())
+
+    assert caught.value.name == name
+    assert name in str(caught.value)
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "TGA", "PCX"], ids=str.lower)
+def test_formats_outside_the_allowed_list_are_refused(fmt):
+    data = encode(photo("chelsea.jpg").resize((64, 48)), fmt)
+    with Image.open(io.BytesIO(data)) as check:  # Pillow itself would happily open it
+        assert check.format == fmt
+
+    with pytest.raises(BadImage) as caught:
+        decode(data, f"chelsea.{fmt.lower()}", MAX_PIXELS)
+
+    assert caught.value.name == f"chelsea.{fmt.lower()}"
+
+
+def test_image_over_the_pixel_limit_is_refused():
+    data = (FIXTURES / "chelsea.jpg").read_bytes()  # 451 x 300 = 135300 pixels
+
+    with pytest.raises(ImageTooLarge) as caught:
+        load_image(data, "chelsea.jpg", 100_000, imagenet_transform())
+
+    assert caught.value.name == "chelsea.jpg"
+    assert "451x300" in str(caught.value)
+    # At exactly the limit it is accepted.
+    assert decode(data, "chelsea.jpg", 451 * 300).size == (451, 300)
+
+
+def test_pixel_limit_is_checked_before_the_pixels_are_decoded():
+    # The header is intact but the data is cut short: decoding would fail with BadImage.
+    data = _half("chelsea.jpg")
+
+    with pytest.raises(ImageTooLarge):
+        decode(data, "chelsea.jpg", 100_000)
+
+
+@pytest.mark.parametrize(
+    ("width", "height"),
+    [(8_000, 8_000), (30_000, 30_000)],
+    ids=["over-the-server-limit", "decompression-bomb"],
+)
+def test_png_whose_header_claims_a_huge_size_is_refused(width, height):
+    data = png_claiming_size(width, height)
+    assert struct.unpack(">II", data[16:24]) == (width, height)
+
+    with pytest.raises(ImageTooLarge) as caught:
+        decode(data, "bomb.png", MAX_PIXELS)
+
+    assert caught.value.name == "bomb.png"
