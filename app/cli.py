@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
 from app.config import Settings
 from app.repository import ModelConfigError, discover
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _serve_parser(subparsers: Any) -> None:
@@ -45,6 +50,21 @@ def _settings(args: argparse.Namespace) -> Settings:
 def serve(settings: Settings) -> int:
     import uvicorn
 
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises SIGTERM/SIGINT once it has shut down, so even a clean drain
+            # would end with status 143. A replica told to stop that stopped cleanly exits 0.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in _STOP_SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
     from app.main import create_app
 
     logging.basicConfig(
@@ -65,7 +85,7 @@ def serve(settings: Settings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=math.ceil(settings.request_timeout_s),
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     server.run()
     # uvicorn returns (rather than raising) when the lifespan fails, e.g. a model that won't load.
     return 0 if server.started else 3

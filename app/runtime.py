@@ -52,9 +52,9 @@ def build_module(spec: ModelSpec) -> nn.Module:
             return _load_torchscript(spec)
         if source == "export":
             assert spec.model_file is not None
-            module = torch.export.load(str(spec.model_file)).module()
-            _require_eval_graph(spec, module)
-            return module
+            exported = torch.export.load(str(spec.model_file)).module()
+            _require_eval_graph(spec, exported)
+            return exported
         module = _build_architecture(spec)
     except ModelConfigError:
         raise
@@ -79,8 +79,10 @@ def _require_eval_graph(spec: ModelSpec, module: nn.Module) -> None:
         for position, argument in enumerate(schema.arguments):
             if argument.name not in _TRAINING_FLAGS:
                 continue
-            value = node.args[position] if position < len(node.args) else node.kwargs.get(
-                argument.name, argument.default_value
+            value = (
+                node.args[position]
+                if position < len(node.args)
+                else node.kwargs.get(argument.name, argument.default_value)
             )
             if value is True:
                 raise ModelConfigError(

@@ -1,4 +1,5 @@
-"""Shared test helpers (importable as ``support``): the committed photographs and Settings pointed at the real repository."""
+"""Shared test helpers (imported as ``support``): the committed photographs, and Settings
+pointed at the real model repository."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import io
 import zlib
 from pathlib import Path
 from typing import Any
-
 
 from app.config import Settings
 
@@ -40,7 +40,7 @@ def make_settings(**overrides: Any) -> Settings:
 
 
 def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height, with almost no pixel data (a decompression bomb)."""
+    """A PNG whose header claims width x height, with almost no pixel data: a bomb."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data

@@ -137,9 +137,7 @@ def test_full_queue_answers_503_with_retry_after_and_no_500() -> None:
             # The loop takes the first image into a batch that waits for the worker ...
             await until(lambda: model.batcher.depth == 0 and not first.done())
             await asyncio.sleep(0.05)
-            queued = [
-                asyncio.create_task(predict(client, "coffee.jpg", top_k=1)) for _ in range(2)
-            ]
+            queued = [asyncio.create_task(predict(client, "coffee.jpg", top_k=1)) for _ in range(2)]
             # ... and the next two fill the queue.
             await until(lambda: model.batcher.depth == 2)
             rejected = await asyncio.gather(

@@ -224,9 +224,7 @@ def test_empty_file_is_400(client: TestClient) -> None:
     "content_type", ["text/plain", "application/json", "application/x-www-form-urlencoded"]
 )
 def test_unsupported_content_type_is_415(client: TestClient, content_type: str) -> None:
-    response = client.post(
-        "/v1/predict", content=b"hello", headers={"Content-Type": content_type}
-    )
+    response = client.post("/v1/predict", content=b"hello", headers={"Content-Type": content_type})
     assert_error(response, 415, "unsupported_media_type")
     assert_still_serving(client)
 

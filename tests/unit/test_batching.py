@@ -171,6 +171,27 @@ def test_a_lone_item_is_not_held_back_waiting_for_company():
     assert stats.largest_batch == 1
 
 
+def test_a_batch_waits_up_to_max_delay_for_later_arrivals():
+    recorder = Recorder()
+
+    async def scenario(executor):
+        batcher = make_batcher(recorder, executor, max_batch_size=2, max_delay_s=0.5)
+        batcher.start()
+        try:
+            early = asyncio.create_task(batcher.submit([1], timeout=PATIENCE_S))
+            await asyncio.sleep(0.02)  # well inside the first item's 0.5 s window
+            late = asyncio.create_task(batcher.submit([2], timeout=PATIENCE_S))
+            return await early, await late
+        finally:
+            await batcher.stop()
+
+    with one_worker() as executor:
+        results = asyncio.run(scenario(executor))
+
+    assert results == ([2], [4])
+    assert recorder.batches == [[1, 2]]
+
+
 def test_a_full_batch_closes_without_waiting_for_max_delay():
     recorder = Recorder()
 
@@ -388,6 +409,28 @@ def test_cancelled_submit_drops_its_queued_items():
     assert 702 not in recorder.seen
 
 
+def test_items_abandoned_while_their_batch_gathers_are_not_computed():
+    recorder = Recorder()
+
+    async def scenario(executor):
+        batcher = make_batcher(recorder, executor, max_batch_size=8, max_delay_s=0.3)
+        batcher.start()
+        try:
+            keeper = asyncio.create_task(batcher.submit([1], timeout=PATIENCE_S))
+            await eventually(lambda: batcher.depth == 0)  # the batch has started gathering
+            with pytest.raises(DeadlineExceeded):
+                await batcher.submit([2], timeout=0.05)  # joins that batch, then gives up
+            return await keeper
+        finally:
+            await batcher.stop()
+
+    with one_worker() as executor:
+        kept = asyncio.run(scenario(executor))
+
+    assert kept == [2]
+    assert recorder.batches == [[1]]
+
+
 def test_cancelled_items_free_their_queue_slots():
     recorder = Recorder()
 
@@ -496,6 +539,29 @@ def test_every_caller_in_a_failed_batch_gets_batch_failed_and_it_is_logged_once(
     assert failures[0].levelno == logging.ERROR
     assert failures[0].exc_info is not None
     assert isinstance(failures[0].exc_info[1], ValueError)
+
+
+def test_a_request_whose_first_batch_failed_has_its_other_items_dropped():
+    recorder = Recorder(poison_aware)
+
+    async def scenario(executor):
+        batcher = make_batcher(recorder, executor, max_batch_size=2, max_delay_s=0.05)
+        batcher.start()
+        try:
+            with pytest.raises(BatchFailed):
+                await batcher.submit(["a", "poison", "b"], timeout=PATIENCE_S)
+            later = await batcher.submit(["c"], timeout=PATIENCE_S)
+        finally:
+            await batcher.stop()
+        return later
+
+    with one_worker() as executor:
+        later = asyncio.run(scenario(executor))
+
+    assert later == ["ok:c"]
+    assert recorder.batches[0] == ["a", "poison"]
+    # "b" was still queued when its request failed: nobody is left to receive its result.
+    assert "b" not in recorder.seen
 
 
 def test_a_compute_returning_the_wrong_number_of_results_fails_the_batch():
