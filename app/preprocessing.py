@@ -77,9 +77,26 @@ def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
     return image
 
 
+def _crop_start(size: int, crop: int) -> int:
+    """Where a center crop starts, as torchvision computes it (padding first when too small)."""
+    if size >= crop:
+        return round((size - crop) / 2.0)
+    return -((crop - size) // 2)
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")
+
+
 def _to_mode(image: Image.Image, mode: str) -> Image.Image:
     if image.mode == mode:
         return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # 16-bit grayscale (PNG, TIFF): Pillow's convert() clips to 255 and turns it white.
+        # Scale 0..65535 onto 0..255 instead.
+        wide = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), mode="L")
+        if mode == "L":
+            return image
     if image.mode == "P" and "transparency" in image.info:
         # Palette transparency must go through RGBA, or Pillow warns and may mis-map colours.
         image = image.convert("RGBA")
@@ -121,8 +138,7 @@ class ImageTransform:
             if size != image.size:
                 image = image.resize(size, self.resample)
         width, height = image.size
-        top = round((height - self.crop) / 2.0)
-        left = round((width - self.crop) / 2.0)
+        left, top = _crop_start(width, self.crop), _crop_start(height, self.crop)
         # PIL pads with zeros where the crop box leaves the image, as torchvision does.
         image = image.crop((left, top, left + self.crop, top + self.crop))
         array = np.asarray(image, dtype=np.uint8)

@@ -327,12 +327,19 @@ BROKEN = {
 }
 
 
+ENTRY_POINTS = {
+    "decode": lambda data, name: decode(data, name, MAX_PIXELS),
+    "load_image": lambda data, name: load_image(data, name, MAX_PIXELS, imagenet_transform()),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
 @pytest.mark.parametrize("name", BROKEN)
-def test_broken_uploads_raise_bad_image_naming_the_file(name):
+def test_broken_uploads_raise_bad_image_naming_the_file(name, entry):
     data = BROKEN[name]()
 
     with pytest.raises(BadImage) as caught:
-        load_image(data, name, MAX_PIXELS, imagenet_transform())
+        ENTRY_POINTS[entry](data, name)
 
     assert caught.value.name == name
     assert name in str(caught.value)
@@ -383,3 +390,23 @@ def test_png_whose_header_claims_a_huge_size_is_refused(width, height):
         decode(data, "bomb.png", MAX_PIXELS)
 
     assert caught.value.name == "bomb.png"
+
+
+@pytest.mark.parametrize("color_mode", ["RGB", "L"])
+def test_sixteen_bit_grayscale_is_scaled_not_clipped_to_white(color_mode):
+    # A 0..65535 ramp: Pillow's own convert() would clip every value above 255 to white.
+    ramp = np.arange(224 * 224, dtype=np.uint32).reshape(224, 224) * 65535 // (224 * 224 - 1)
+    data = encode(Image.fromarray(ramp.astype(np.uint16)), "PNG")
+    transform = ImageTransform.from_spec(
+        spec(
+            resize=None,
+            color_mode=color_mode,
+            mean=(0.5,) * (3 if color_mode == "RGB" else 1),
+            std=(0.5,) * (3 if color_mode == "RGB" else 1),
+        )
+    )
+    out = load_image(data, "depth.png", MAX_PIXELS, transform)
+    assert out.shape == (224, 224, 3 if color_mode == "RGB" else 1)
+    assert out.min() == 0 and out.max() == 255
+    # Still a ramp: the middle row sits near the middle of the range.
+    assert 100 < int(out[112, 112, 0]) < 156
