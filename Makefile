@@ -9,13 +9,17 @@ BIN := $(VENV)/bin
 # torch and torchvision are installed first, pinned, so pip takes the pair this machine holds.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# Debian packages the tests use: docker-compose 1.29 validates the compose files offline.
+APT_PACKAGES := docker-compose
 
 .PHONY: serve test lint install
 
 $(STAMP): pyproject.toml
+	command -v docker-compose >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,deploy-check]'
 	touch $@
 
 install: $(STAMP)
