@@ -12,17 +12,20 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests use: docker-compose 1.29 validates the compose files offline.
 APT_PACKAGES := docker-compose
 
-.PHONY: serve test lint install
+.PHONY: serve test lint install test-tools
 
 $(STAMP): pyproject.toml
-	command -v docker-compose >/dev/null || { apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,deploy-check]'
 	touch $@
 
 install: $(STAMP)
+
+# Only the tests need these (as root, which the CI and dev machines are).
+test-tools:
+	command -v docker-compose >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
 
 serve: $(STAMP)
 	$(BIN)/evalserve serve
@@ -32,5 +35,5 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check app tests
 	$(BIN)/mypy
 
-test: lint
+test: lint test-tools
 	$(BIN)/python -m pytest
