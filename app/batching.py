@@ -94,11 +94,17 @@ class Batcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._in_flight = 0
 
     @property
     def depth(self) -> int:
         """Items waiting (not yet taken into a batch)."""
         return len(self._items)
+
+    @property
+    def in_flight(self) -> int:
+        """Items in the batch being computed now."""
+        return self._in_flight
 
     def start(self) -> None:
         if self._task is None:
@@ -193,18 +199,21 @@ class Batcher(Generic[T, R]):
             live = [item for item in batch if not item.future.done()]
             if not live:
                 continue
+            self._in_flight = len(live)
             try:
                 outputs = await loop.run_in_executor(
                     self._executor, self._compute, [item.payload for item in live]
                 )
                 pairs = list(zip(live, outputs, strict=True))
             except Exception as exc:
+                self._in_flight = 0
                 self.stats.failed_batches += 1
                 logger.exception("%s: a batch of %d items failed", self.name, len(live))
                 for item in live:
                     if not item.future.done():
                         item.future.set_exception(BatchFailed(f"batch failed: {exc!r}"))
                 continue
+            self._in_flight = 0
             self.stats.batches += 1
             self.stats.items += len(live)
             self.stats.largest_batch = max(self.stats.largest_batch, len(live))

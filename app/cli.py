@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import ValidationError
 
+from app.client import DEFAULT_URL
 from app.config import Settings
 from app.repository import ModelConfigError, discover
 
@@ -36,6 +40,42 @@ def _serve_parser(subparsers: Any) -> None:
         choices=["critical", "error", "warning", "info", "debug"],
         help="log level (EVALSERVE_LOG_LEVEL)",
     )
+
+
+def _evaluate_parser(subparsers: Any) -> None:
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="accuracy of a model over a labelled image folder",
+        description="Top-1/top-5 and per-class accuracy over DATA_DIR (ImageFolder layout: one "
+        "folder per class, named by the model's labels). In process by default; with --url, "
+        "through a running server.",
+    )
+    evaluate.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    evaluate.add_argument("--model", help="model name (default: EVALSERVE_DEFAULT_MODEL)")
+    evaluate.add_argument("--url", help="evaluate through the server at this URL")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="in process (default 64)")
+    evaluate.add_argument(
+        "--workers", type=int, default=0, help="DataLoader worker processes, in process"
+    )
+    evaluate.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight with --url (default 8)"
+    )
+    evaluate.add_argument("--model-repository", help="folder of models, in process")
+    evaluate.add_argument("--device", help="auto, cpu, cuda or cuda:N, in process")
+
+
+def _predict_parser(subparsers: Any) -> None:
+    predict = subparsers.add_parser(
+        "predict",
+        help="classify images with a running server",
+        description="Send each IMAGE to a running evalserve and print its top classes.",
+    )
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL})")
+    predict.add_argument("--model", help="model name (default: the server's default model)")
+    predict.add_argument("--top-k", type=int, help="classes per image (default: the server's)")
+    predict.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -91,12 +131,83 @@ def serve(settings: Settings) -> int:
     return 0 if server.started else 3
 
 
+def evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from app import evaluate as ev
+    from app.client import Client, EvalserveError
+    from app.repository import load_spec
+
+    model = args.model or settings.default_model
+    try:
+        if args.url:
+            with Client(args.url) as client:
+                labels: Sequence[str] = client.labels(model)
+        else:
+            labels = load_spec(settings.model_repository / model).labels
+        samples = ev.scan(args.data_dir, labels)
+    except (ev.DatasetError, ModelConfigError, EvalserveError, httpx.TransportError) as exc:
+        print(f"evalserve evaluate: {exc}", file=sys.stderr)
+        return 2
+    # The bar goes to stderr, only on a terminal, and only once a run has lasted a second.
+    with tqdm(total=len(samples), unit="img", delay=1.0, disable=None, leave=False) as bar:
+        if args.url:
+            outcomes, seconds = ev.evaluate_remote(
+                args.url, model, samples, concurrency=args.concurrency, progress=bar.update
+            )
+            source = args.url
+        else:
+            outcomes, seconds = ev.evaluate_in_process(
+                settings.model_repository / model,
+                samples,
+                device=settings.device,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                torch_threads=settings.torch_threads,
+                max_image_pixels=settings.max_image_pixels,
+                progress=bar.update,
+            )
+            source = "in process"
+    report = ev.summarize(model, source, outcomes, seconds)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else ev.format_report(report))
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    from app.client import Client, EvalserveError
+
+    results: list[dict[str, Any]] = []
+    failed = 0
+    with Client(args.url) as client:
+        for path in args.images:
+            try:
+                prediction = client.predict(path, args.top_k, model=args.model)
+            except (EvalserveError, OSError, httpx.TransportError) as exc:
+                failed += 1
+                results.append({"file": str(path), "error": str(exc)})
+                if not args.json:
+                    print(f"{path}\n  error: {exc}\n", file=sys.stderr)
+                continue
+            classes = [c.model_dump() for c in prediction.classes]
+            results.append({"file": str(path), "classes": classes})
+            if not args.json:
+                print(str(path))
+                for entry in prediction.classes:
+                    print(f"  {entry.label[:40]:<40} {entry.score:8.4f}")
+                print()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="evalserve", description="Inference REST microservice for PyTorch image classifiers."
     )
     subparsers = parser.add_subparsers(dest="command")
     _serve_parser(subparsers)
+    _evaluate_parser(subparsers)
+    _predict_parser(subparsers)
     arguments = list(sys.argv[1:] if argv is None else argv)
     if not arguments or (arguments[0].startswith("-") and arguments[0] not in ("-h", "--help")):
         arguments.insert(0, "serve")  # serving is the default command
@@ -108,5 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return serve(settings)
+    if args.command == "evaluate":
+        return evaluate(args, settings)
+    if args.command == "predict":
+        return predict(args)
     parser.print_help()
     return 2

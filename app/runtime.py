@@ -190,7 +190,12 @@ class Classifier:
 
     def _load(self) -> nn.Module:
         module = build_module(self.spec)
-        if self.spec.config.model.source != "export":  # exported graphs are checked at load
+        if self.spec.config.model.source == "export":
+            # torch refuses .eval() on an exported program; its graph was checked to be in eval
+            # mode at load, so make the modules' flags say what the graph does.
+            for submodule in module.modules():
+                submodule.training = False
+        else:
             module.eval()
         for parameter in module.parameters():  # (ScriptModules lack requires_grad_)
             parameter.requires_grad_(False)

@@ -59,3 +59,18 @@ def jpeg_of(image: Any, **save: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", **save)
     return buffer.getvalue()
+
+
+def digits_trainer():
+    """models/digits/train.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+    import sys
+
+    name = "evalserve_digits_train"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, MODELS / "digits" / "train.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -5,7 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import ModelDep, ServingDep
-from app.api.schemas import BatchingInfo, ErrorResponse, ModelInfo, ModelList, PreprocessingInfo
+from app.api.schemas import (
+    BatchingInfo,
+    ErrorResponse,
+    LabelList,
+    ModelInfo,
+    ModelList,
+    PreprocessingInfo,
+)
 from app.serving import ServedModel, Serving
 
 router = APIRouter(prefix="/v1", tags=["models"])
@@ -49,3 +56,11 @@ async def list_models(serving: ServingDep) -> ModelList:
 async def get_model_info(model: ModelDep, serving: ServingDep) -> ModelInfo:
     """One model's metadata: classes, input size, batching, device and dtype."""
     return model_info(model, serving)
+
+
+@router.get(
+    "/models/{name}/labels", response_model=LabelList, responses={404: {"model": ErrorResponse}}
+)
+async def get_model_labels(model: ModelDep) -> LabelList:
+    """The model's class names, in output-index order."""
+    return LabelList(model=model.name, labels=list(model.spec.labels))

@@ -90,6 +90,11 @@ class ModelInfo(BaseModel):
     preprocessing: PreprocessingInfo
 
 
+class LabelList(BaseModel):
+    model: str
+    labels: list[str] = Field(description="Class names in output-index order.")
+
+
 class ModelList(BaseModel):
     models: list[ModelInfo]
 

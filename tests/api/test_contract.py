@@ -135,8 +135,7 @@ def test_full_queue_answers_503_with_retry_after_and_no_500() -> None:
             blocked = BlockedWorker(model)
             first = asyncio.create_task(predict(client, "chelsea.jpg", top_k=1))
             # The loop takes the first image into a batch that waits for the worker ...
-            await until(lambda: model.batcher.depth == 0 and not first.done())
-            await asyncio.sleep(0.05)
+            await until(lambda: model.batcher.in_flight == 1)
             queued = [asyncio.create_task(predict(client, "coffee.jpg", top_k=1)) for _ in range(2)]
             # ... and the next two fill the queue.
             await until(lambda: model.batcher.depth == 2)
@@ -162,8 +161,7 @@ def test_request_past_its_deadline_gets_504_and_is_not_computed() -> None:
             model = serving.default_model
             blocked = BlockedWorker(model)
             occupying = asyncio.create_task(predict(client, "chelsea.jpg", top_k=1))
-            await until(lambda: model.batcher.depth == 0 and not occupying.done())
-            await asyncio.sleep(0.05)
+            await until(lambda: model.batcher.in_flight == 1)
             late = await predict(client, "coffee.jpg", top_k=1)
             assert late.status_code == 504, late.text
             assert late.json()["error"]["code"] == "timeout"
@@ -219,8 +217,7 @@ def test_client_that_disconnects_has_its_queued_image_dropped() -> None:
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
                 occupying = asyncio.create_task(predict(client, "chelsea.jpg", top_k=1))
-                await until(lambda: model.batcher.depth == 0 and not occupying.done())
-                await asyncio.sleep(0.05)
+                await until(lambda: model.batcher.in_flight == 1)
 
                 gone = asyncio.Event()
                 body = photo("coffee.jpg")
