@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -42,6 +42,16 @@ class BatcherClosed(BatcherError):
 
 class BatchFailed(BatcherError):
     """The compute function raised on the batch this item was in (logged once, server-side)."""
+
+
+class BatchObserver(Protocol):
+    """Told about every batch, e.g. to record metrics. Called on the event loop: keep it cheap."""
+
+    def batch_done(self, queue_seconds: Sequence[float], compute_seconds: float) -> None:
+        """A batch succeeded; how long each of its items waited, and how long compute took."""
+
+    def batch_failed(self, size: int) -> None:
+        """A batch of ``size`` items raised."""
 
 
 @dataclass(slots=True)
@@ -78,6 +88,7 @@ class Batcher(Generic[T, R]):
         max_delay_s: float,
         max_queue_size: int,
         name: str = "batcher",
+        observer: BatchObserver | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
@@ -88,6 +99,7 @@ class Batcher(Generic[T, R]):
         self.max_queue_size = max_queue_size
         self.name = name
         self.stats = BatchStats()
+        self._observer = observer
         # A deque we own rather than asyncio.Queue: waiting is on an Event, so a timed-out wait
         # can never swallow an item, and cancelled items can be pruned when room is needed.
         self._items: deque[_Item[T, R]] = deque()
@@ -200,6 +212,7 @@ class Batcher(Generic[T, R]):
             if not live:
                 continue
             self._in_flight = len(live)
+            started = loop.time()
             try:
                 outputs = await loop.run_in_executor(
                     self._executor, self._compute, [item.payload for item in live]
@@ -208,12 +221,18 @@ class Batcher(Generic[T, R]):
             except Exception as exc:
                 self._in_flight = 0
                 self.stats.failed_batches += 1
+                if self._observer is not None:
+                    self._observer.batch_failed(len(live))
                 logger.exception("%s: a batch of %d items failed", self.name, len(live))
                 for item in live:
                     if not item.future.done():
                         item.future.set_exception(BatchFailed(f"batch failed: {exc!r}"))
                 continue
             self._in_flight = 0
+            if self._observer is not None:
+                self._observer.batch_done(
+                    [started - item.enqueued_at for item in live], loop.time() - started
+                )
             self.stats.batches += 1
             self.stats.items += len(live)
             self.stats.largest_batch = max(self.stats.largest_batch, len(live))

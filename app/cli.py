@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
-import math
-import signal
 import sys
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +15,6 @@ from pydantic import ValidationError
 from app.client import DEFAULT_URL
 from app.config import Settings
 from app.repository import ModelConfigError, discover
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _serve_parser(subparsers: Any) -> None:
@@ -88,47 +81,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            # uvicorn re-raises SIGTERM/SIGINT once it has shut down, so even a clean drain
-            # would end with status 143. A replica told to stop that stopped cleanly exits 0.
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in _STOP_SIGNALS}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    from app.main import create_app
-
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     # Check the repository's files before anything heavy, so a typo fails in one line.
     try:
         discover(settings.model_repository)
     except ModelConfigError as exc:
         print(f"evalserve: cannot start: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        lifespan="on",
-        timeout_graceful_shutdown=math.ceil(settings.request_timeout_s),
-    )
-    server = Server(config)
-    server.run()
-    # uvicorn returns (rather than raising) when the lifespan fails, e.g. a model that won't load.
-    return 0 if server.started else 3
+    from app.server import run
+
+    return run(settings)
 
 
 def evaluate(args: argparse.Namespace, settings: Settings) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -76,3 +76,40 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="Server log level."
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text: readable lines; json: one JSON object per line."
+    )
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated bearer keys; when set, predict and model routes need one.",
+    )
+    drain_delay_s: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=600.0,
+        description="After SIGTERM, least time new requests get 503 before the port closes.",
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3600.0,
+        description="After SIGTERM, most time to wait for accepted requests before exiting.",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3600.0,
+        description="Most time a request body may take to arrive; slower uploads get 408.",
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, le=1024 * 1024, description="Largest request head, in bytes."
+    )
+    keep_alive_s: float = Field(
+        default=5.0, gt=0.0, le=600.0, description="Idle keep-alive connections close after this."
+    )
+
+    def api_key_list(self) -> list[str]:
+        """The configured keys (empty when API keys are off)."""
+        if self.api_keys is None:
+            return []
+        return [key.strip() for key in self.api_keys.get_secret_value().split(",") if key.strip()]

@@ -26,6 +26,10 @@ _RESAMPLE = {
 }
 
 
+# Above this many pixels, a resize is not materialised whole (see ImageTransform).
+RESIZED_PIXEL_BUDGET = 16_000_000
+
+
 class ImageError(Exception):
     """An upload that cannot become a model input; ``name`` says which one."""
 
@@ -135,16 +139,33 @@ class ImageTransform:
             short, long = min(width, height), max(width, height)
             new_short, new_long = self.resize, int(self.resize * long / short)
             size = (new_short, new_long) if width <= height else (new_long, new_short)
+            if size[0] * size[1] > RESIZED_PIXEL_BUDGET and min(size) >= self.crop:
+                # An extreme aspect ratio (a 20000x1 strip resized to a 256 short side is 1.3
+                # gigapixels): resample only the source region that lands in the crop.
+                return _as_array(self._resize_crop_box(image, size))
             if size != image.size:
                 image = image.resize(size, self.resample)
         width, height = image.size
         left, top = _crop_start(width, self.crop), _crop_start(height, self.crop)
         # PIL pads with zeros where the crop box leaves the image, as torchvision does.
-        image = image.crop((left, top, left + self.crop, top + self.crop))
-        array = np.asarray(image, dtype=np.uint8)
-        if array.ndim == 2:
-            array = array[:, :, None]
-        return array
+        return _as_array(image.crop((left, top, left + self.crop, top + self.crop)))
+
+    def _resize_crop_box(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
+        """Resize-then-center-crop computed on the crop's source box only: bounded memory."""
+        scale_x, scale_y = size[0] / image.width, size[1] / image.height
+        left, top = _crop_start(size[0], self.crop), _crop_start(size[1], self.crop)
+        box = (
+            left / scale_x,
+            top / scale_y,
+            (left + self.crop) / scale_x,
+            (top + self.crop) / scale_y,
+        )
+        return image.resize((self.crop, self.crop), self.resample, box=box)
+
+
+def _as_array(image: Image.Image) -> np.ndarray:
+    array = np.asarray(image, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
 
 
 def load_image(data: bytes, name: str, max_pixels: int, transform: ImageTransform) -> np.ndarray:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from app.batching import Batcher
+from app.batching import Batcher, BatchObserver
 from app.config import Settings
 from app.preprocessing import ImageTransform
 from app.repository import ModelSpec, discover
@@ -40,7 +40,6 @@ class Serving:
     models: dict[str, ServedModel]
     decode_pool: ThreadPoolExecutor
     ready: bool = False
-    draining: bool = False
 
     @property
     def default_model(self) -> ServedModel:
@@ -59,8 +58,11 @@ def _load_model(spec: ModelSpec, settings: Settings) -> Classifier:
 
 
 @contextlib.asynccontextmanager
-async def open_serving(settings: Settings) -> AsyncIterator[Serving]:
-    """Load and warm every model (raising on the first that fails), then serve until exit."""
+async def open_serving(
+    settings: Settings, observer: Callable[[str], BatchObserver] | None = None
+) -> AsyncIterator[Serving]:
+    """Load and warm every model (raising on the first that fails), then serve until exit.
+    ``observer(name)``, when given, is told about each of that model's batches."""
     specs = await asyncio.to_thread(discover, settings.model_repository)
     if settings.default_model not in specs:
         raise ValueError(
@@ -84,6 +86,7 @@ async def open_serving(settings: Settings) -> AsyncIterator[Serving]:
                 max_delay_s=settings.max_batch_delay_ms / 1000.0,
                 max_queue_size=settings.max_queue_size,
                 name=name,
+                observer=observer(name) if observer else None,
             )
             models[name] = ServedModel(
                 spec, classifier, batcher, ImageTransform.from_spec(spec.preprocessing)
@@ -100,7 +103,6 @@ async def open_serving(settings: Settings) -> AsyncIterator[Serving]:
         yield serving
     finally:
         serving.ready = False
-        serving.draining = True
         for model in models.values():
             await model.batcher.stop()
             model.classifier.close()

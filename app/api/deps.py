@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
-from app.api.errors import ModelNotFound, ServiceUnavailable
+from app.api.errors import Forbidden, ModelNotFound, ServiceUnavailable, Unauthorized
+from app.lifecycle import Lifecycle
+from app.metrics import Metrics
 from app.serving import ServedModel, Serving
 
 
@@ -17,7 +20,39 @@ def get_serving(request: Request) -> Serving:
     return serving
 
 
+def get_lifecycle(request: Request) -> Lifecycle:
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    return lifecycle
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
 ServingDep = Annotated[Serving, Depends(get_serving)]
+LifecycleDep = Annotated[Lifecycle, Depends(get_lifecycle)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def require_api_key(request: Request) -> None:
+    """When API keys are configured: 401 without a bearer token, 403 with a wrong one."""
+    keys: list[bytes] = request.app.state.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized(
+            "this server needs an API key: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    offered = token.strip().encode()
+    # Compare against every key, without stopping early, in constant time per key.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(offered, key)
+    if not matched:
+        raise Forbidden("the API key is not valid")
 
 
 def get_model(

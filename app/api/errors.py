@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from http import HTTPStatus
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-logger = logging.getLogger("evalserve.api")
+from starlette.requests import Request
 
 
 class ServiceError(Exception):
@@ -31,6 +29,18 @@ class BadRequest(ServiceError):
 
 class InvalidImage(ServiceError):
     status_code, code = 400, "invalid_image"
+
+
+class Unauthorized(ServiceError):
+    status_code, code = 401, "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status_code, code = 403, "forbidden"
+
+
+class RequestTimeout(ServiceError):
+    status_code, code = 408, "request_timeout"
 
 
 class ModelNotFound(ServiceError):
@@ -97,14 +107,8 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_parameter", "; ".join(problems) or "invalid request")
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    # The traceback stays in the server log; the client learns nothing about internals.
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", "internal server error")
-
-
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    # Unexpected exceptions are answered (and logged once) by app.api.middleware.

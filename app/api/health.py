@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from app.api.deps import MetricsDep
 from app.api.errors import error_response
 from app.api.schemas import ErrorResponse, HealthStatus
 
@@ -24,9 +25,18 @@ async def live() -> HealthStatus:
 )
 async def ready(request: Request) -> HealthStatus | JSONResponse:
     """200 only when every model is loaded and warmed and the server is not shutting down."""
+    if request.app.state.lifecycle.draining:
+        return error_response(503, "draining", "the server is shutting down")
     serving = getattr(request.app.state, "serving", None)
     if serving is None or not serving.ready:
         return error_response(503, "not_ready", "models are loading")
-    if serving.draining:
-        return error_response(503, "draining", "the server is shutting down")
     return HealthStatus(status="ready")
+
+
+metrics_router = APIRouter(tags=["health"])
+
+
+@metrics_router.get("/metrics", response_class=Response)
+async def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus metrics, in the text exposition format."""
+    return Response(metrics.render(), media_type=metrics.content_type)

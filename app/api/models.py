@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from app.api.deps import ModelDep, ServingDep
+from app.api.deps import ModelDep, ServingDep, require_api_key
 from app.api.schemas import (
     BatchingInfo,
     ErrorResponse,
@@ -15,7 +15,7 @@ from app.api.schemas import (
 )
 from app.serving import ServedModel, Serving
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
 
 
 def model_info(model: ServedModel, serving: Serving) -> ModelInfo:

@@ -6,12 +6,19 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from app.api.deps import DefaultModelDep, ModelDep, ServingDep
+from app.api.deps import (
+    DefaultModelDep,
+    LifecycleDep,
+    MetricsDep,
+    ModelDep,
+    ServingDep,
+    require_api_key,
+)
 from app.api.errors import (
     BadRequest,
     GatewayTimeout,
@@ -20,9 +27,12 @@ from app.api.errors import (
     InvalidParameter,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
     ServiceUnavailable,
     UnsupportedMediaType,
 )
+from app.api.middleware import request_info
 from app.api.schemas import ClassScore, ErrorResponse, ImagePrediction, PredictResponse
 from app.batching import (
     BatcherClosed,
@@ -34,7 +44,7 @@ from app.batching import (
 from app.preprocessing import ImageError, ImageTooLarge, load_image
 from app.serving import ServedModel, Serving
 
-router = APIRouter(prefix="/v1", tags=["predict"])
+router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[Depends(require_api_key)])
 
 T = TypeVar("T")
 RETRY_AFTER = {"Retry-After": "1"}
@@ -56,6 +66,9 @@ RAW_IMAGE_TYPES = frozenset(
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "An upload is not a readable image."},
+    401: {"model": ErrorResponse, "description": "API keys are on and none was sent."},
+    403: {"model": ErrorResponse, "description": "The API key is not valid."},
+    408: {"model": ErrorResponse, "description": "The body took too long to arrive."},
     404: {"model": ErrorResponse, "description": "No such model."},
     413: {"model": ErrorResponse, "description": "Body, image or image count over the limit."},
     415: {"model": ErrorResponse, "description": "Content-Type is not multipart or an image."},
@@ -168,22 +181,60 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+# Which rejections are counted in evalserve_images_rejected_total, and under what reason.
+_REJECT_REASONS: dict[type[ServiceError], str] = {
+    Overloaded: "queue_full",
+    GatewayTimeout: "timeout",
+    InvalidImage: "bad_image",
+    PayloadTooLarge: "too_large",
+}
+
+
 async def _predict(
-    request: Request, model: ServedModel, serving: Serving, top_k: int | None
+    request: Request,
+    model: ServedModel,
+    serving: Serving,
+    lifecycle: LifecycleDep,
+    metrics: MetricsDep,
+    top_k: int | None,
+) -> PredictResponse:
+    info = request_info(request.scope)
+    info["model"] = model.name
+    if lifecycle.draining:
+        raise ServiceUnavailable("the server is shutting down", headers=RETRY_AFTER)
+    try:
+        return await _answer(request, model, serving, top_k, info)
+    except ServiceError as exc:
+        reason = _REJECT_REASONS.get(type(exc))
+        if reason is not None:
+            metrics.reject(model.name, reason, info.get("images") or 1)
+        raise
+
+
+async def _answer(
+    request: Request,
+    model: ServedModel,
+    serving: Serving,
+    top_k: int | None,
+    info: dict[str, Any],
 ) -> PredictResponse:
     settings = serving.settings
     loop = asyncio.get_running_loop()
     started = loop.time()
-    if serving.draining:
-        raise ServiceUnavailable("the server is shutting down", headers=RETRY_AFTER)
     k = settings.default_top_k if top_k is None else top_k
     labels = model.spec.labels
     if k > len(labels):
         raise InvalidParameter(f"top_k is {k}, the model has only {len(labels)} classes")
     try:
-        uploads = await _read_uploads(request, serving)
+        async with asyncio.timeout(settings.body_timeout_s):
+            uploads = await _read_uploads(request, serving)
     except ClientDisconnect:
         raise BadRequest("the client disconnected while sending the body") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {settings.body_timeout_s}s"
+        ) from None
+    info["images"] = len(uploads)
     if len(uploads) > settings.max_queue_size:
         raise PayloadTooLarge(
             f"{len(uploads)} images, more than the queue can hold ({settings.max_queue_size})"
@@ -253,15 +304,25 @@ async def _predict(
     openapi_extra=_BODY_DOC,
 )
 async def predict(
-    request: Request, model: ModelDep, serving: ServingDep, top_k: TopKQuery = None
+    request: Request,
+    model: ModelDep,
+    serving: ServingDep,
+    lifecycle: LifecycleDep,
+    metrics: MetricsDep,
+    top_k: TopKQuery = None,
 ) -> PredictResponse:
     """Classify one or more images with the named model."""
-    return await _predict(request, model, serving, top_k)
+    return await _predict(request, model, serving, lifecycle, metrics, top_k)
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_BODY_DOC)
 async def predict_default(
-    request: Request, model: DefaultModelDep, serving: ServingDep, top_k: TopKQuery = None
+    request: Request,
+    model: DefaultModelDep,
+    serving: ServingDep,
+    lifecycle: LifecycleDep,
+    metrics: MetricsDep,
+    top_k: TopKQuery = None,
 ) -> PredictResponse:
     """Classify one or more images with the default model."""
-    return await _predict(request, model, serving, top_k)
+    return await _predict(request, model, serving, lifecycle, metrics, top_k)

@@ -1,0 +1,140 @@
+"""Prometheus metrics, one registry per app (so several apps in one process never collide).
+
+Hot-path cost is a few counter/histogram updates per request and per batch; queue depth and
+readiness are read only when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+# Latency buckets from 1 ms to 60 s; batch sizes in powers of two.
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+REJECT_REASONS = ("queue_full", "timeout", "bad_image", "too_large")
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "evalserve_requests",
+            "HTTP requests answered, by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "evalserve_request_duration_seconds",
+            "Time from the request's arrival to the end of its response, by route template.",
+            ["route"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "evalserve_queue_time_seconds",
+            "Time an image waited in the queue before its batch's forward pass began.",
+            ["model"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "evalserve_inference_duration_seconds",
+            "Duration of one batch's forward pass (stack, transfer, forward, top-k).",
+            ["model"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "evalserve_batch_size",
+            "Images per forward pass.",
+            ["model"],
+            buckets=_BATCH,
+            registry=r,
+        )
+        self.images = Counter(
+            "evalserve_images_processed",
+            "Images that went through a successful forward pass.",
+            ["model"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "evalserve_images_rejected",
+            "Images refused or dropped, by reason: queue_full, timeout, bad_image, too_large.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.failed_batches = Counter(
+            "evalserve_failed_batches",
+            "Forward passes that raised; their requests were answered 500.",
+            ["model"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "evalserve_queue_depth", "Images waiting for a batch.", ["model"], registry=r
+        )
+        self.model_ready = Gauge(
+            "evalserve_model_ready",
+            "1 when the model is loaded and warmed and the server is not draining, else 0.",
+            ["model"],
+            registry=r,
+        )
+
+    def watch_model(self, model: str, depth: Callable[[], int], ready: Callable[[], bool]) -> None:
+        """Read queue depth and readiness at scrape time, not on the hot path."""
+        self.queue_depth.labels(model).set_function(depth)
+        self.model_ready.labels(model).set_function(lambda: 1.0 if ready() else 0.0)
+        for reason in REJECT_REASONS:  # so a rate() query sees 0, not "no data"
+            self.rejected.labels(model, reason)
+
+    def batch_done(
+        self, model: str, queue_seconds: Sequence[float], compute_seconds: float
+    ) -> None:
+        self.batch_size.labels(model).observe(len(queue_seconds))
+        self.inference_seconds.labels(model).observe(compute_seconds)
+        self.images.labels(model).inc(len(queue_seconds))
+        histogram = self.queue_seconds.labels(model)
+        for seconds in queue_seconds:
+            histogram.observe(seconds)
+
+    def batch_failed(self, model: str, size: int) -> None:
+        self.failed_batches.labels(model).inc()
+
+    def observer(self, model: str) -> ModelObserver:
+        return ModelObserver(self, model)
+
+    def reject(self, model: str, reason: str, images: int) -> None:
+        self.rejected.labels(model, reason).inc(images)
+
+    def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ModelObserver:
+    """A batcher's view of the metrics, bound to one model (see app.batching.BatchObserver)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._metrics = metrics
+        self._model = model
+
+    def batch_done(self, queue_seconds: Sequence[float], compute_seconds: float) -> None:
+        self._metrics.batch_done(self._model, queue_seconds, compute_seconds)
+
+    def batch_failed(self, size: int) -> None:
+        self._metrics.batch_failed(self._model, size)
