@@ -58,7 +58,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.lifecycle = lifecycle
     app.state.api_keys = [key.encode() for key in settings.api_key_list()]
     install_error_handlers(app)
-    app.add_middleware(RequestMiddleware, metrics=metrics, lifecycle=lifecycle)
+    app.add_middleware(
+        RequestMiddleware,
+        metrics=metrics,
+        lifecycle=lifecycle,
+        max_header_bytes=settings.max_header_bytes,
+    )
     app.include_router(predict.router)
     app.include_router(models.router)
     app.include_router(health.router)

@@ -31,10 +31,13 @@ def request_info(scope: Scope) -> dict[str, Any]:
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, lifecycle: Lifecycle) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, lifecycle: Lifecycle, max_header_bytes: int
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.lifecycle = lifecycle
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,7 +78,19 @@ class RequestMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            # uvicorn's h11 limit only bounds a head that arrives in pieces; a whole one that
+            # fits in one read is checked here.
+            head = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if head > self.max_header_bytes:
+                status = 431
+                await _send_json(
+                    send_with_id,
+                    431,
+                    "header_too_large",
+                    f"request headers are {head} bytes, the limit is {self.max_header_bytes}",
+                )
+            else:
+                await self.app(scope, receive, send_with_id)
         except Exception:
             error_logger.exception(
                 "unhandled error on %s %s",
@@ -85,18 +100,7 @@ class RequestMiddleware:
             )
             status = 500
             if not response_started:
-                body = json.dumps(error_body("internal_error", "internal server error")).encode()
-                await send_with_id(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send_with_id({"type": "http.response.body", "body": body})
+                await _send_json(send_with_id, 500, "internal_error", "internal server error")
         finally:
             if counted:
                 self.lifecycle.in_flight -= 1
@@ -127,3 +131,10 @@ class RequestMiddleware:
                     "client": client[0] if client else None,
                 },
             )
+
+
+async def _send_json(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps(error_body(code, message)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,216 @@
+"""Operations in process: metrics that match what was sent, request ids and access logs, API
+keys, and unexpected errors logged once without leaking internals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi.testclient import TestClient
+from support import make_settings, photo
+
+from app.logs import JsonFormatter
+from app.main import create_app
+
+SECRET = "s3cret-key-do-not-log"
+
+
+def sample(metrics: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in metrics.splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if not match or match[1] != name:
+            continue
+        got = ",".join(sorted((match[2] or "").split(","))) if match[2] else ""
+        if got == wanted:
+            return float(match[3])
+    return 0.0
+
+
+def test_metrics_match_what_was_sent() -> None:
+    """4 single requests, one concurrent burst of 8, a bad image and a too-large image."""
+
+    async def scenario() -> None:
+        app = create_app(make_settings(max_batch_delay_ms=300, max_batch_size=16))
+        async with LifespanManager(app, startup_timeout=120):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+
+                async def predict(data: bytes, name: str = "x.jpg") -> int:
+                    response = await client.post("/v1/predict", files={"file": (name, data)})
+                    return response.status_code
+
+                for _ in range(4):
+                    assert await predict(photo("chelsea.jpg")) == 200
+                statuses = await asyncio.gather(*(predict(photo("coffee.jpg")) for _ in range(8)))
+                assert statuses == [200] * 8
+                assert await predict(b"not an image", "bad.jpg") == 400
+                too_big = b"\x00" * (21 * 1024 * 1024)
+                assert await predict(too_big, "big.jpg") == 413
+                text = (await client.get("/metrics")).text
+            batches = app.state.serving.default_model.batcher.stats.batches
+        model = {"model": "efficientnet_lite0"}
+        route = {"route": "/v1/predict", "method": "POST"}
+        assert sample(text, "evalserve_requests_total", **route, status="200") == 12
+        assert sample(text, "evalserve_requests_total", **route, status="400") == 1
+        assert sample(text, "evalserve_requests_total", **route, status="413") == 1
+        assert sample(text, "evalserve_request_duration_seconds_count", route="/v1/predict") == 14
+        assert sample(text, "evalserve_images_processed_total", **model) == 12
+        assert sample(text, "evalserve_images_rejected_total", **model, reason="bad_image") == 1
+        assert sample(text, "evalserve_images_rejected_total", **model, reason="too_large") == 1
+        assert sample(text, "evalserve_images_rejected_total", **model, reason="queue_full") == 0
+        # The batch-size histogram saw every batch: 4 singles and the burst (in >= 1 batches).
+        assert sample(text, "evalserve_batch_size_count", **model) == batches
+        assert sample(text, "evalserve_batch_size_sum", **model) == 12
+        assert sample(text, "evalserve_batch_size_bucket", **model, le="1.0") == 4
+        assert batches < 12  # the burst was batched
+        assert sample(text, "evalserve_queue_time_seconds_count", **model) == 12
+        assert sample(text, "evalserve_inference_duration_seconds_count", **model) == batches
+        assert sample(text, "evalserve_queue_depth", **model) == 0
+        assert sample(text, "evalserve_model_ready", **model) == 1
+        assert sample(text, "evalserve_model_ready", model="digits") == 1
+
+    asyncio.run(scenario())
+
+
+def test_unknown_paths_share_one_metrics_label() -> None:
+    with TestClient(create_app(make_settings())) as client:
+        for path in ("/a", "/b/c", "/d?x=1"):
+            assert client.get(path).status_code == 404
+        text = client.get("/metrics").text
+    assert (
+        sample(text, "evalserve_requests_total", route="unmatched", method="GET", status="404") == 3
+    )
+    assert '"/b/c"' not in text
+
+
+@pytest.fixture
+def client_with_keys() -> Iterator[TestClient]:
+    settings = make_settings(api_keys=f"other-key, {SECRET}")
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_without_a_key_predict_and_models_are_401(client_with_keys: TestClient) -> None:
+    for response in (
+        client_with_keys.post("/v1/predict", files={"file": photo("chelsea.jpg")}),
+        client_with_keys.get("/v1/models"),
+        client_with_keys.get("/v1/models/digits"),
+        client_with_keys.post("/v1/predict", headers={"Authorization": "Basic abc"}),
+    ):
+        assert response.status_code == 401, response.text
+        assert response.json()["error"]["code"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_a_wrong_key_is_403(client_with_keys: TestClient) -> None:
+    response = client_with_keys.post(
+        "/v1/predict",
+        files={"file": photo("chelsea.jpg")},
+        headers={"Authorization": f"Bearer {SECRET}x"},
+    )
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "forbidden"
+    assert SECRET not in response.text
+
+
+def test_any_configured_key_is_accepted(client_with_keys: TestClient) -> None:
+    for key in (SECRET, "other-key"):
+        response = client_with_keys.post(
+            "/v1/predict",
+            files={"file": photo("chelsea.jpg")},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert response.status_code == 200, response.text
+    listing = client_with_keys.get("/v1/models", headers={"Authorization": f"Bearer {SECRET}"})
+    assert listing.status_code == 200
+
+
+def test_health_and_metrics_stay_open_with_keys(client_with_keys: TestClient) -> None:
+    assert client_with_keys.get("/health/live").status_code == 200
+    assert client_with_keys.get("/health/ready").status_code == 200
+    assert client_with_keys.get("/metrics").status_code == 200
+
+
+def test_keys_never_reach_the_logs(
+    client_with_keys: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client_with_keys.post(
+        "/v1/predict",
+        files={"file": photo("chelsea.jpg")},
+        headers={"Authorization": f"Bearer {SECRET}"},
+    )
+    client_with_keys.get("/v1/models", headers={"Authorization": f"Bearer {SECRET}-wrong"})
+    assert caplog.records
+    assert all(SECRET not in record.getMessage() for record in caplog.records)
+    assert SECRET not in repr(client_with_keys.app.state.settings)  # type: ignore[attr-defined]
+
+
+def test_request_id_is_echoed_or_generated(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="evalserve.access")
+    with TestClient(create_app(make_settings())) as client:
+        given = client.post(
+            "/v1/predict",
+            files={"file": photo("chelsea.jpg")},
+            headers={"X-Request-ID": "trace-42"},
+        )
+        generated = client.get("/health/live")
+        unsafe = client.get("/health/live", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert given.headers["X-Request-ID"] == "trace-42"
+    assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["X-Request-ID"])
+    assert unsafe.headers["X-Request-ID"] != "bad id\twith spaces"
+    lines = [r for r in caplog.records if r.name == "evalserve.access"]
+    predict_line = next(r for r in lines if getattr(r, "request_id", None) == "trace-42")
+    assert predict_line.method == "POST" and predict_line.path == "/v1/predict"
+    assert predict_line.status == 200 and predict_line.images == 1
+    assert predict_line.model == "efficientnet_lite0" and predict_line.latency_ms > 0
+    text = predict_line.getMessage()
+    assert '"POST /v1/predict" 200' in text and "request_id=trace-42" in text
+
+
+def test_json_log_lines_are_one_object_each(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="evalserve.access")
+    with TestClient(create_app(make_settings())) as client:
+        client.post("/v1/predict", files={"file": photo("coffee.jpg")})
+    record = next(r for r in caplog.records if r.name == "evalserve.access")
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["logger"] == "evalserve.access" and entry["level"] == "info"
+    assert entry["status"] == 200 and entry["images"] == 1
+    assert entry["model"] == "efficientnet_lite0"
+    assert len(entry["request_id"]) == 32
+
+
+def test_unexpected_error_is_logged_once_and_hidden_from_the_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = create_app(make_settings())
+
+    @app.get("/explode")
+    async def explode() -> None:
+        raise KeyError("internal detail: /secret/path")
+
+    caplog.set_level(logging.INFO)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/explode", headers={"X-Request-ID": "boom-1"})
+        assert client.get("/health/ready").status_code == 200  # still serving
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {"code": "internal_error", "message": "internal server error"}
+    }
+    assert "KeyError" not in response.text and "secret" not in response.text
+    assert response.headers["X-Request-ID"] == "boom-1"
+    with_traceback = [r for r in caplog.records if r.exc_info]
+    assert len(with_traceback) == 1
+    assert getattr(with_traceback[0], "request_id", None) == "boom-1"
