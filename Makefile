@@ -1,7 +1,8 @@
 # Two commands, each doing its own set-up on a fresh machine:
 #   make serve   start evalserve on the default model (http://127.0.0.1:8000)
 #   make test    lint, type-check and run the whole test suite
-# The virtual environment is (re)built when pyproject.toml changes.
+# The virtual environment is (re)built when pyproject.toml or the lock changes; runtime
+# dependencies are installed at the versions of requirements/lock.txt, as in the image.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,10 +15,11 @@ APT_PACKAGES := docker-compose
 
 .PHONY: serve test lint install test-tools
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,deploy-check]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		-c requirements/lock.txt -e '.[test,deploy-check]'
 	touch $@
 
 install: $(STAMP)

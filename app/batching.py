@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -61,6 +61,29 @@ class _Item(Generic[T, R]):
     enqueued_at: float
 
 
+class Arrival:
+    """Items on their way to the queue (their request is still decoding them).
+
+    With ``close_when_idle``, a gathering batch waits, up to the batch delay, only while some are
+    announced; when none are, it closes at once instead of sleeping out the delay for company
+    that is not coming (the single-client case).
+    """
+
+    __slots__ = ("_batcher", "_count")
+
+    def __init__(self, batcher: Batcher[Any, Any], count: int) -> None:
+        self._batcher: Batcher[Any, Any] | None = batcher
+        self._count = count
+        batcher._expected += count
+
+    def cancel(self) -> None:
+        """The items arrived (or never will). Idempotent."""
+        if self._batcher is not None:
+            self._batcher._expected -= self._count
+            self._batcher._wakeup.set()
+            self._batcher = None
+
+
 @dataclass(slots=True)
 class BatchStats:
     """Running totals, for tests and metrics."""
@@ -89,6 +112,7 @@ class Batcher(Generic[T, R]):
         max_queue_size: int,
         name: str = "batcher",
         observer: BatchObserver | None = None,
+        close_when_idle: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
@@ -100,6 +124,8 @@ class Batcher(Generic[T, R]):
         self.name = name
         self.stats = BatchStats()
         self._observer = observer
+        # With close_when_idle, a batch waits out the delay only while arrivals are announced.
+        self._close_when_idle = close_when_idle
         # A deque we own rather than asyncio.Queue: waiting is on an Event, so a timed-out wait
         # can never swallow an item, and cancelled items can be pruned when room is needed.
         self._items: deque[_Item[T, R]] = deque()
@@ -107,6 +133,7 @@ class Batcher(Generic[T, R]):
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._in_flight = 0
+        self._expected = 0
 
     @property
     def depth(self) -> int:
@@ -117,6 +144,10 @@ class Batcher(Generic[T, R]):
     def in_flight(self) -> int:
         """Items in the batch being computed now."""
         return self._in_flight
+
+    def announce(self, count: int) -> Arrival:
+        """Say that ``count`` items will be submitted soon; pass the result to ``submit``."""
+        return Arrival(self, count)
 
     def start(self) -> None:
         if self._task is None:
@@ -132,13 +163,20 @@ class Batcher(Generic[T, R]):
             await self._task
             self._task = None
 
-    async def submit(self, payloads: Sequence[T], timeout: float) -> list[R]:  # noqa: ASYNC109
+    async def submit(
+        self,
+        payloads: Sequence[T],
+        timeout: float,  # noqa: ASYNC109 (a deadline for the results, not a cancel scope)
+        arrival: Arrival | None = None,
+    ) -> list[R]:
         """Queue ``payloads`` together and wait for their results, in order.
 
         All or nothing: either every item is queued or the call fails at once with
         ``QueueFull``/``TooManyItems``/``BatcherClosed``. On timeout or cancellation the items still
-        queued are dropped (never computed).
+        queued are dropped (never computed). ``arrival``, from ``announce``, is settled here.
         """
+        if arrival is not None:
+            arrival.cancel()  # in the same step as the enqueue below: no batch sees neither
         count = len(payloads)
         if count > self.max_queue_size:
             raise TooManyItems(f"{count} items, the queue holds at most {self.max_queue_size}")
@@ -195,6 +233,8 @@ class Batcher(Generic[T, R]):
                 continue
             remaining = close_at - loop.time()
             if remaining <= 0 or self._closing:
+                break
+            if self._close_when_idle and self._expected == 0:
                 break
             self._wakeup.clear()
             try:

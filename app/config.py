@@ -28,6 +28,10 @@ class Settings(BaseSettings):
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="Where models run: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
     )
+    precision: Literal["fp32", "bf16", "fp16"] | None = Field(
+        default=None,
+        description="Every model's precision (fp32, bf16, fp16); unset keeps model.toml's.",
+    )
     max_batch_size: int = Field(
         default=16, ge=1, le=1024, description="Most images in one forward pass."
     )

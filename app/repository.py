@@ -53,10 +53,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
 class ModelSection(_Section):
     """How to build the network."""
 
     source: Literal["timm", "torchvision", "torchscript", "export"]
+    precision: Precision = Field(
+        default="fp32",
+        description="fp32, or autocast to bf16 (CPU with bf16 support, CUDA) or fp16 (CUDA).",
+    )
     architecture: str | None = Field(
         default=None, description="timm or torchvision architecture name (timm/torchvision only)."
     )

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from app.keymaps import KEY_MAPS
-from app.repository import ModelConfigError, ModelSpec
+from app.repository import ModelConfigError, ModelSpec, Precision
 
 logger = logging.getLogger("evalserve.runtime")
 
@@ -41,6 +41,30 @@ def resolve_device(requested: str) -> torch.device:
                 f"device {requested!r} requested but only {torch.cuda.device_count()} GPUs exist"
             )
     return device
+
+
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def _compute_dtype(spec: ModelSpec, device: torch.device, precision: Precision) -> torch.dtype:
+    """The autocast dtype for ``precision`` on ``device``, refusing what the device lacks."""
+    if precision == "fp16" and device.type != "cuda":
+        # Measured: fp16 autocast on this CPU is 16x slower than fp32. CUDA only.
+        raise ModelConfigError(spec.name, "precision fp16 needs a CUDA device; use bf16 on CPU")
+    if precision == "bf16":
+        supported = (
+            torch.cuda.is_bf16_supported()
+            if device.type == "cuda"
+            else torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+        if not supported:
+            raise ModelConfigError(spec.name, f"precision bf16 is not supported on {device}")
+    return _DTYPES[precision]
 
 
 def build_module(spec: ModelSpec) -> nn.Module:
@@ -160,10 +184,17 @@ def _load_weights(spec: ModelSpec, module: nn.Module) -> None:
 class Classifier:
     """One model, loaded once, in eval mode, on its device, run by its own worker thread."""
 
-    def __init__(self, spec: ModelSpec, device: torch.device, torch_threads: int | None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: torch.device,
+        torch_threads: int | None,
+        precision: Precision | None = None,
+    ) -> None:
         self.spec = spec
         self.device = device
-        self.dtype = torch.float32
+        self.precision: Precision = precision or spec.config.model.precision
+        self.dtype = _compute_dtype(spec, device, self.precision)
         self._torch_threads = torch_threads
         self._worker_ident: int | None = None
         # One thread runs every forward pass of this model, so batches never race each other for
@@ -176,8 +207,9 @@ class Classifier:
         self.module = self._load()
         pre = spec.preprocessing
         shape = (1, pre.channels, 1, 1)
-        self._mean = torch.tensor(pre.mean, dtype=self.dtype, device=device).view(shape)
-        self._std = torch.tensor(pre.std, dtype=self.dtype, device=device).view(shape)
+        # Normalisation runs in float32 whatever the precision; autocast casts at the convs.
+        self._mean = torch.tensor(pre.mean, dtype=torch.float32, device=device).view(shape)
+        self._std = torch.tensor(pre.std, dtype=torch.float32, device=device).view(shape)
 
     def _init_worker(self) -> None:
         self._worker_ident = threading.get_ident()
@@ -200,7 +232,9 @@ class Classifier:
         for parameter in module.parameters():  # (ScriptModules lack requires_grad_)
             parameter.requires_grad_(False)
         try:
-            return module.to(self.device)
+            # channels_last: oneDNN and cuDNN convolutions run faster on NHWC (measured 1.4x
+            # for EfficientNet-Lite0 on the CPU), and the uint8 input arrives as NHWC anyway.
+            return module.to(self.device).to(memory_format=torch.channels_last)
         except Exception as exc:
             raise ModelConfigError(
                 self.spec.name, f"cannot move the model to {self.device}: {exc}"
@@ -227,8 +261,13 @@ class Classifier:
             stacked = torch.from_numpy(np.stack([array for array, _ in requests]))
             # One host-to-device copy of uint8, then convert and normalise on the device.
             batch = stacked.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-            batch = batch.to(self.dtype).div_(255.0).sub_(self._mean).div_(self._std)
-            logits = self._forward(batch.contiguous())
+            # (B, H, W, C) memory seen as (B, C, H, W) is already channels_last: keep it.
+            batch = batch.float().div_(255.0).sub_(self._mean).div_(self._std)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(
+                self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+            ):
+                logits = self._forward(batch)
             if logits.ndim != 2 or logits.shape != (len(requests), len(self.spec.labels)):
                 raise ModelConfigError(
                     self.spec.name,

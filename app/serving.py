@@ -48,7 +48,7 @@ class Serving:
 
 def _load_model(spec: ModelSpec, settings: Settings) -> Classifier:
     device = resolve_device(settings.device)
-    classifier = Classifier(spec, device, settings.torch_threads)
+    classifier = Classifier(spec, device, settings.torch_threads, settings.precision)
     try:
         classifier.warm_up(settings.max_batch_size)
     except BaseException:
@@ -87,6 +87,7 @@ async def open_serving(
                 max_queue_size=settings.max_queue_size,
                 name=name,
                 observer=observer(name) if observer else None,
+                close_when_idle=True,
             )
             models[name] = ServedModel(
                 spec, classifier, batcher, ImageTransform.from_spec(spec.preprocessing)

@@ -190,6 +190,31 @@ _REJECT_REASONS: dict[type[ServiceError], str] = {
 }
 
 
+async def _decode(
+    uploads: list[tuple[str, bytes]], model: ServedModel, serving: Serving
+) -> list[Any]:
+    """Decode and transform every upload in the decode pool; the first bad one fails them all."""
+    loop = asyncio.get_running_loop()
+    max_pixels = serving.settings.max_image_pixels
+    decoded = await asyncio.gather(
+        *(
+            loop.run_in_executor(
+                serving.decode_pool, load_image, data, name, max_pixels, model.transform
+            )
+            for name, data in uploads
+        ),
+        return_exceptions=True,
+    )
+    for result in decoded:
+        if isinstance(result, ImageTooLarge):
+            raise PayloadTooLarge(str(result))
+        if isinstance(result, ImageError):
+            raise InvalidImage(str(result))
+        if isinstance(result, BaseException):
+            raise result
+    return decoded
+
+
 async def _predict(
     request: Request,
     model: ServedModel,
@@ -239,33 +264,14 @@ async def _answer(
         raise PayloadTooLarge(
             f"{len(uploads)} images, more than the queue can hold ({settings.max_queue_size})"
         )
-    decoded = await asyncio.gather(
-        *(
-            loop.run_in_executor(
-                serving.decode_pool,
-                load_image,
-                data,
-                name,
-                settings.max_image_pixels,
-                model.transform,
-            )
-            for name, data in uploads
-        ),
-        return_exceptions=True,
-    )
-    arrays = []
-    for result in decoded:
-        if isinstance(result, ImageTooLarge):
-            raise PayloadTooLarge(str(result))
-        if isinstance(result, ImageError):
-            raise InvalidImage(str(result))
-        if isinstance(result, BaseException):
-            raise result
-        arrays.append(result)
-    remaining = settings.request_timeout_s - (loop.time() - started)
+    # The batch now gathering may wait for these images while they decode.
+    arrival = model.batcher.announce(len(uploads))
     try:
+        arrays = await _decode(uploads, model, serving)
+        remaining = max(settings.request_timeout_s - (loop.time() - started), 0.0)
+        payloads = [(array, k) for array in arrays]
         results = await _unless_disconnected(
-            request, model.batcher.submit([(array, k) for array in arrays], max(remaining, 0.0))
+            request, model.batcher.submit(payloads, remaining, arrival)
         )
     except QueueFull:
         raise Overloaded(
@@ -282,6 +288,8 @@ async def _answer(
     except BatchFailed:
         # Logged with its traceback by the batcher; the client gets no internals.
         raise InferenceFailed("the model failed on the batch holding this request") from None
+    finally:
+        arrival.cancel()
     return PredictResponse(
         model=model.name,
         predictions=[
