@@ -71,6 +71,38 @@ def _predict_parser(subparsers: Any) -> None:
     predict.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
+def _bench_parser(subparsers: Any) -> None:
+    bench = subparsers.add_parser(
+        "bench",
+        help="served throughput and latency against the in-process limit",
+        description="Start a server (or use --url), load it at each concurrency, measure the "
+        "in-process limit of the same model and preprocessing, and write JSON and a PNG plot.",
+    )
+    bench.add_argument("--model", help="model name (default: EVALSERVE_DEFAULT_MODEL)")
+    bench.add_argument("--url", help="benchmark this running server instead of starting one")
+    bench.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="clients per level"
+    )
+    bench.add_argument("--seconds", type=float, default=15.0, help="per level (default 15)")
+    bench.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="for all models")
+    bench.add_argument("--api-key", help="bearer key, when the server requires one")
+    bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where results go")
+
+
+def _agreement_parser(subparsers: Any) -> None:
+    agreement = subparsers.add_parser(
+        "agreement",
+        help="top-1 agreement of a reduced precision with fp32",
+        description="Run a model in fp32 and in PRECISION over the repository's test photographs "
+        "and their crops, and report how often the top-1 class agrees.",
+    )
+    agreement.add_argument("precision", choices=["bf16", "fp16"])
+    agreement.add_argument("--model", help="model name (default: EVALSERVE_DEFAULT_MODEL)")
+    agreement.add_argument("--model-repository", help="folder of models")
+    agreement.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    agreement.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
         key: value
@@ -169,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _serve_parser(subparsers)
     _evaluate_parser(subparsers)
     _predict_parser(subparsers)
+    _bench_parser(subparsers)
+    _agreement_parser(subparsers)
     arguments = list(sys.argv[1:] if argv is None else argv)
     if not arguments or (arguments[0].startswith("-") and arguments[0] not in ("-h", "--help")):
         arguments.insert(0, "serve")  # serving is the default command
@@ -184,5 +218,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return evaluate(args, settings)
     if args.command == "predict":
         return predict(args)
+    if args.command == "agreement":
+        from dataclasses import asdict
+
+        from app import agreement
+
+        try:
+            found = agreement.measure(
+                settings.model_repository,
+                args.model or settings.default_model,
+                args.precision,
+                settings.device,
+            )
+        except ModelConfigError as exc:
+            print(f"evalserve agreement: {exc}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(asdict(found), indent=2))
+        else:
+            print(
+                f"{found.model} {found.precision} vs fp32 on {found.device}: top-1 agreement "
+                f"{found.top1_agreement:.2%} over {found.images} images; largest top-1 score "
+                f"change {found.max_top1_score_change:.4f}"
+            )
+        return 0
+    if args.command == "bench":
+        from app import bench
+
+        result = bench.run(
+            model=args.model,
+            url=args.url,
+            concurrency=args.concurrency,
+            seconds=args.seconds,
+            out=args.out,
+            precision=args.precision,
+            api_key=args.api_key,
+        )
+        print(bench.format_result(result))
+        return 0
     parser.print_help()
     return 2

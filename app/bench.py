@@ -1,0 +1,324 @@
+"""``evalserve bench``: served throughput and latency against the in-process limit, in one run.
+
+The limit is what the same model does with the same preprocessing in this process, at the
+server's batch size, on the same device and threads, with no HTTP: decode + preprocessing of a
+batch in the decode pool overlapping the previous batch's forward pass in the model's worker,
+exactly the server's division of labour. The served numbers come from a load generator in this
+process (async httpx, one connection per client, each client sending its next image as soon as
+the last is answered), against a server it starts (or ``--url``). Mean batch sizes come from the
+server's ``/metrics``. Results go to a JSON file and a PNG plot.
+
+This is a benchmark, not a test: its numbers depend on the machine and on what else runs on it.
+Compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from app.config import Settings
+from app.preprocessing import ImageTransform, load_image
+from app.repository import Precision, discover
+
+PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "motorcycle", "retina", "hubble", "camera")
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+
+
+def web_jpegs(size: tuple[int, int] = (500, 375), quality: int = 90) -> list[bytes]:
+    """The repository's test photographs re-encoded as typical web uploads."""
+    images = []
+    for name in PHOTOS:
+        with Image.open(FIXTURES / f"{name}.jpg") as photo:
+            image = photo.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality)
+        images.append(buffer.getvalue())
+    return images
+
+
+@dataclass
+class Limit:
+    batch_size: int
+    images_per_s: float
+    batch_ms: float
+    single_image_ms: float = field(metadata={"doc": "decode + preprocess + forward of one image"})
+
+
+@dataclass
+class Level:
+    concurrency: int
+    requests: int
+    errors: int
+    images_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_batch_size: float
+    fraction_of_limit: float = 0.0
+
+
+def measure_limit(settings: Settings, model: str, images: list[bytes], seconds: float) -> Limit:
+    """The in-process ceiling: the server's code and threads without HTTP."""
+    from app.runtime import Classifier, resolve_device
+
+    spec = discover(settings.model_repository)[model]
+    classifier = Classifier(
+        spec, resolve_device(settings.device), settings.torch_threads, settings.precision
+    )
+    transform = ImageTransform.from_spec(spec.preprocessing)
+    size, top_k = settings.max_batch_size, min(settings.default_top_k, len(spec.labels))
+    batch = [images[i % len(images)] for i in range(size)]
+
+    def decode(data: bytes) -> np.ndarray:
+        return load_image(data, "bench", settings.max_image_pixels, transform)
+
+    try:
+        classifier.warm_up(size)
+        with ThreadPoolExecutor(settings.decode_threads) as pool:
+
+            def forward(arrays: list[np.ndarray]) -> Any:
+                return classifier.executor.submit(classifier.predict, [(a, top_k) for a in arrays])
+
+            # One image end to end, as a lone client's request sees it (minus HTTP).
+            singles = []
+            for i in range(20):
+                began = time.perf_counter()
+                forward([decode(images[i % len(images)])]).result()
+                singles.append(time.perf_counter() - began)
+            # Batches, with the next batch's decoding overlapping this batch's forward pass.
+            pending = forward(list(pool.map(decode, batch)))
+            batches, began = 0, time.perf_counter()
+            while time.perf_counter() - began < seconds:
+                arrays = list(pool.map(decode, batch))
+                pending.result()
+                pending = forward(arrays)
+                batches += 1
+            pending.result()
+            elapsed = time.perf_counter() - began
+    finally:
+        classifier.close()
+    return Limit(
+        batch_size=size,
+        images_per_s=batches * size / elapsed,
+        batch_ms=1000 * elapsed / batches,
+        single_image_ms=1000 * statistics.median(singles),
+    )
+
+
+_SAMPLE = re.compile(r'^evalserve_batch_size_(sum|count)\{model="([^"]+)"\} (\S+)$', re.M)
+
+
+def batch_totals(url: str, model: str) -> tuple[float, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values = {kind: float(v) for kind, name, v in _SAMPLE.findall(text) if name == model}
+    return values.get("sum", 0.0), values.get("count", 0.0)
+
+
+async def drive(
+    url: str, model: str, images: list[bytes], clients: int, seconds: float, api_key: str | None
+) -> Level:
+    latencies: list[float] = []
+    errors = 0
+    headers = {"Content-Type": "image/jpeg"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    path = f"/v1/models/{model}/predict"
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        # Open every connection first, uncounted.
+        await asyncio.gather(
+            *(client.post(path, content=images[0], headers=headers) for _ in range(clients))
+        )
+        before = batch_totals(url, model)
+        stop_at = time.perf_counter() + seconds
+
+        async def one_client(offset: int) -> None:
+            nonlocal errors
+            i = offset
+            while time.perf_counter() < stop_at:
+                began = time.perf_counter()
+                response = await client.post(path, content=images[i % len(images)], headers=headers)
+                i += 1
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - began)
+                else:
+                    errors += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one_client(k) for k in range(clients)))
+        elapsed = time.perf_counter() - began
+        after = batch_totals(url, model)
+    ordered = sorted(latencies) or [float("nan")]
+
+    def percentile(p: float) -> float:
+        return 1000 * ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+    batches = after[1] - before[1]
+    return Level(
+        concurrency=clients,
+        requests=len(latencies),
+        errors=errors,
+        images_per_s=len(latencies) / elapsed,
+        p50_ms=percentile(50),
+        p90_ms=percentile(90),
+        p99_ms=percentile(99),
+        mean_batch_size=(after[0] - before[0]) / batches if batches else 0.0,
+    )
+
+
+def start_server(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, "EVALSERVE_LOG_LEVEL": "warning", **env},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited during start-up ({process.returncode})")
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("the server did not become ready")
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """Throughput and p99 latency against concurrency; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    levels = result["served"]
+    x = [level["concurrency"] for level in levels]
+    figure, left = plt.subplots(figsize=(7, 4.2), dpi=120)
+    left.plot(x, [level["images_per_s"] for level in levels], "o-", label="served images/s")
+    left.axhline(result["limit"]["images_per_s"], ls="--", color="gray", label="in-process limit")
+    left.set_xscale("log", base=2)
+    left.set_xticks(x, [str(c) for c in x])
+    left.set_xlabel("concurrent clients")
+    left.set_ylabel("images/s")
+    left.set_ylim(bottom=0)
+    right = left.twinx()
+    right.plot(x, [level["p99_ms"] for level in levels], "s:", color="tab:red", label="p99 ms")
+    right.set_ylabel("p99 latency (ms)", color="tab:red")
+    right.set_ylim(bottom=0)
+    handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    left.legend(handles=handles, loc="upper left", fontsize=8)
+    left.set_title(
+        f"evalserve {result['model']} ({result['precision']}) on {result['device']}, "
+        f"batch {result['limit']['batch_size']}",
+        fontsize=9,
+    )
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return True
+
+
+def run(
+    *,
+    model: str | None,
+    url: str | None,
+    concurrency: list[int],
+    seconds: float,
+    out: Path,
+    precision: Precision | None,
+    api_key: str | None = None,
+) -> dict[str, Any]:
+    settings = Settings(precision=precision) if precision else Settings()
+    model = model or settings.default_model
+    images = web_jpegs()
+    process = None
+    if url is None:
+        env = {
+            "EVALSERVE_MODEL_REPOSITORY": str(settings.model_repository.resolve()),
+            "EVALSERVE_DEFAULT_MODEL": model,
+        }
+        if precision:
+            env["EVALSERVE_PRECISION"] = precision
+        process, url = start_server(env)
+    try:
+        served = [
+            asyncio.run(drive(url, model, images, clients, seconds, api_key))
+            for clients in concurrency
+        ]
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+    # Measured after the server stopped (when it was ours), so the two never share the cores.
+    limit = measure_limit(settings, model, images, seconds)
+    for level in served:
+        level.fraction_of_limit = level.images_per_s / limit.images_per_s
+    from app.runtime import resolve_device
+
+    spec = discover(settings.model_repository)[model]
+    result: dict[str, Any] = {
+        "model": model,
+        "precision": precision or spec.config.model.precision,
+        "device": str(resolve_device(settings.device)),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": __import__("torch").__version__,
+        "url": url if process is None else "started by bench",
+        "seconds_per_level": seconds,
+        "settings": settings.model_dump(mode="json", exclude={"api_keys"}),
+        "limit": asdict(limit),
+        "served": [asdict(level) for level in served],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{model}-{result['precision']}-{result['device'].replace(':', '')}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["plot"] = str(out / f"{stem}.png") if plot(result, out / f"{stem}.png") else None
+    result["json"] = str(out / f"{stem}.json")
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    limit = result["limit"]
+    lines = [
+        f"model {result['model']} ({result['precision']}) on {result['device']}, "
+        f"{result['cpus']} CPUs",
+        f"in-process limit: {limit['images_per_s']:.1f} images/s at batch {limit['batch_size']} "
+        f"({limit['batch_ms']:.0f} ms a batch); one image alone {limit['single_image_ms']:.1f} ms",
+        f"{'clients':>8} {'images/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+        f"{'batch':>6} {'of limit':>9} {'errors':>7}",
+    ]
+    for level in result["served"]:
+        lines.append(
+            f"{level['concurrency']:>8} {level['images_per_s']:>9.1f} {level['p50_ms']:>8.1f} "
+            f"{level['p90_ms']:>8.1f} {level['p99_ms']:>8.1f} {level['mean_batch_size']:>6.1f} "
+            f"{level['fraction_of_limit']:>9.0%} {level['errors']:>7}"
+        )
+    plotted = f", plot: {result['plot']}" if result["plot"] else " (no plot: install matplotlib)"
+    lines.append(f"results: {result['json']}{plotted}")
+    return "\n".join(lines)
