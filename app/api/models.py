@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 
 from app.api.deps import ModelDep, ServingDep, require_api_key
 from app.api.schemas import (
+    AUTH_RESPONSES,
     BatchingInfo,
     ErrorResponse,
     LabelList,
@@ -15,7 +16,16 @@ from app.api.schemas import (
 )
 from app.serving import ServedModel, Serving
 
-router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["models"],
+    dependencies=[Depends(require_api_key)],
+    responses=AUTH_RESPONSES,
+)
+_NAMED: dict[int | str, dict[str, object]] = {
+    404: {"model": ErrorResponse, "description": "No such model."},
+    422: {"model": ErrorResponse, "description": "Invalid request."},
+}
 
 
 def model_info(model: ServedModel, serving: Serving) -> ModelInfo:
@@ -52,15 +62,13 @@ async def list_models(serving: ServingDep) -> ModelList:
     return ModelList(models=[model_info(m, serving) for m in serving.models.values()])
 
 
-@router.get("/models/{name}", response_model=ModelInfo, responses={404: {"model": ErrorResponse}})
+@router.get("/models/{name}", response_model=ModelInfo, responses=_NAMED)
 async def get_model_info(model: ModelDep, serving: ServingDep) -> ModelInfo:
     """One model's metadata: classes, input size, batching, device and dtype."""
     return model_info(model, serving)
 
 
-@router.get(
-    "/models/{name}/labels", response_model=LabelList, responses={404: {"model": ErrorResponse}}
-)
+@router.get("/models/{name}/labels", response_model=LabelList, responses=_NAMED)
 async def get_model_labels(model: ModelDep) -> LabelList:
     """The model's class names, in output-index order."""
     return LabelList(model=model.name, labels=list(model.spec.labels))

@@ -33,7 +33,13 @@ from app.api.errors import (
     UnsupportedMediaType,
 )
 from app.api.middleware import request_info
-from app.api.schemas import ClassScore, ErrorResponse, ImagePrediction, PredictResponse
+from app.api.schemas import (
+    AUTH_RESPONSES,
+    ClassScore,
+    ErrorResponse,
+    ImagePrediction,
+    PredictResponse,
+)
 from app.batching import (
     BatcherClosed,
     BatchFailed,
@@ -65,14 +71,14 @@ RAW_IMAGE_TYPES = frozenset(
 )
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    **AUTH_RESPONSES,
     400: {"model": ErrorResponse, "description": "An upload is not a readable image."},
-    401: {"model": ErrorResponse, "description": "API keys are on and none was sent."},
-    403: {"model": ErrorResponse, "description": "The API key is not valid."},
     408: {"model": ErrorResponse, "description": "The body took too long to arrive."},
     404: {"model": ErrorResponse, "description": "No such model."},
     413: {"model": ErrorResponse, "description": "Body, image or image count over the limit."},
     415: {"model": ErrorResponse, "description": "Content-Type is not multipart or an image."},
     422: {"model": ErrorResponse, "description": "Bad query parameter."},
+    500: {"model": ErrorResponse, "description": "The forward pass failed on this batch."},
     503: {"model": ErrorResponse, "description": "Queue full or shutting down; see Retry-After."},
     504: {"model": ErrorResponse, "description": "No result within the request timeout."},
 }

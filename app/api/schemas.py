@@ -110,3 +110,10 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# What any route behind API keys may answer, for the OpenAPI schema.
+AUTH_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorResponse, "description": "API keys are on and none was sent."},
+    403: {"model": ErrorResponse, "description": "The API key is not valid."},
+}
