@@ -1,0 +1,196 @@
+"""What every inference route shares, whatever its protocol (/v1, /v2): reading a body within
+its limits, decoding in the pool, batching, mapping the batcher's refusals to HTTP errors, and
+counting rejected images."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import numpy as np
+from starlette.requests import ClientDisconnect, Request
+
+from app.api.errors import (
+    BadRequest,
+    GatewayTimeout,
+    InferenceFailed,
+    InvalidImage,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    ServiceUnavailable,
+)
+from app.api.middleware import request_info
+from app.batching import BatcherClosed, BatchFailed, DeadlineExceeded, QueueFull, TooManyItems
+from app.lifecycle import Lifecycle
+from app.metrics import Metrics
+from app.preprocessing import ImageError, ImageTooLarge, load_image
+from app.runtime import TopK
+from app.serving import ServedModel, Serving
+
+T = TypeVar("T")
+RETRY_AFTER = {"Retry-After": "1"}
+# One image on its way to the model: encoded bytes to decode, or an array ready for the batch
+# (uint8 (H, W, C) at the input size, or float32 (C, H, W) already normalised).
+Upload = tuple[str, bytes | np.ndarray]
+
+# Which rejections are counted in evalserve_images_rejected_total, and under what reason.
+_REJECT_REASONS: dict[type[ServiceError], str] = {
+    Overloaded: "queue_full",
+    GatewayTimeout: "timeout",
+    InvalidImage: "bad_image",
+    PayloadTooLarge: "too_large",
+}
+
+
+@asynccontextmanager
+async def inference_request(
+    request: Request, model: ServedModel, lifecycle: Lifecycle, metrics: Metrics
+) -> AsyncIterator[dict[str, Any]]:
+    """Around one inference request: refuse it while draining, note the model for the access
+    log, and count the images of a rejected request by reason. Yields the log record."""
+    info = request_info(request.scope)
+    info["model"] = model.name
+    if lifecycle.draining:
+        raise ServiceUnavailable("the server is shutting down", headers=RETRY_AFTER)
+    try:
+        yield info
+    except ServiceError as exc:
+        reason = _REJECT_REASONS.get(type(exc))
+        if reason is not None:
+            metrics.reject(model.name, reason, info.get("images") or 1)
+        raise
+
+
+async def limited(stream: AsyncIterator[bytes], limit: int) -> AsyncGenerator[bytes, None]:
+    """Pass chunks through, failing as soon as the running total passes ``limit``."""
+    received = 0
+    async for chunk in stream:
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+        yield chunk
+
+
+async def read_within_limits(
+    request: Request,
+    serving: Serving,
+    reader: Callable[[AsyncGenerator[bytes, None]], Awaitable[T]],
+) -> T:
+    """Run ``reader`` over the request's body stream, bounded in size and arrival time."""
+    settings = serving.settings
+    limit = settings.max_upload_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes, the limit is {limit}")
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            return await reader(limited(request.stream(), limit))
+    except ClientDisconnect:
+        raise BadRequest("the client disconnected while sending the body") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {settings.body_timeout_s}s"
+        ) from None
+
+
+async def read_all(stream: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in stream])
+
+
+async def _until_disconnected(request: Request) -> None:
+    # With the body read, the next ASGI message is the disconnect (or the end of the response).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client goes away first, cancel it (dropping its queued images)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        # Let the cancellation run, so the batcher sees the dropped futures before we answer.
+        await asyncio.gather(task, return_exceptions=True)
+        raise BadRequest("the client disconnected")
+    return task.result()
+
+
+async def _decode(uploads: Sequence[Upload], model: ServedModel, serving: Serving) -> list[Any]:
+    """Decode and transform the encoded uploads in the decode pool; arrays pass through. The
+    first bad one fails them all, naming itself."""
+    loop = asyncio.get_running_loop()
+    max_pixels = serving.settings.max_image_pixels
+
+    async def one(name: str, data: bytes | np.ndarray) -> np.ndarray:
+        if isinstance(data, np.ndarray):
+            return data
+        return await loop.run_in_executor(
+            serving.decode_pool, load_image, data, name, max_pixels, model.transform
+        )
+
+    decoded = await asyncio.gather(
+        *(one(name, data) for name, data in uploads), return_exceptions=True
+    )
+    for result in decoded:
+        if isinstance(result, ImageTooLarge):
+            raise PayloadTooLarge(str(result))
+        if isinstance(result, ImageError):
+            raise InvalidImage(str(result))
+        if isinstance(result, BaseException):
+            raise result
+    return decoded
+
+
+async def classify(
+    request: Request,
+    model: ServedModel,
+    serving: Serving,
+    uploads: Sequence[Upload],
+    k: int,
+    started: float,
+) -> list[TopK]:
+    """Top-``k`` of every upload, through the model's batcher; ``started`` is the request's
+    arrival (``loop.time()``), from which the request timeout counts."""
+    settings = serving.settings
+    if len(uploads) > settings.max_queue_size:
+        raise PayloadTooLarge(
+            f"{len(uploads)} images, more than the queue can hold ({settings.max_queue_size})"
+        )
+    loop = asyncio.get_running_loop()
+    # The batch now gathering may wait for these images while they decode.
+    arrival = model.batcher.announce(len(uploads))
+    try:
+        arrays = await _decode(uploads, model, serving)
+        remaining = max(settings.request_timeout_s - (loop.time() - started), 0.0)
+        payloads = [(array, k) for array in arrays]
+        return await _unless_disconnected(
+            request, model.batcher.submit(payloads, remaining, arrival)
+        )
+    except QueueFull:
+        raise Overloaded(
+            f"model {model.name!r} is at capacity; retry shortly", headers=RETRY_AFTER
+        ) from None
+    except BatcherClosed:
+        raise ServiceUnavailable("the server is shutting down", headers=RETRY_AFTER) from None
+    except TooManyItems as exc:
+        raise PayloadTooLarge(str(exc)) from None
+    except DeadlineExceeded:
+        raise GatewayTimeout(
+            f"no prediction within the request timeout ({settings.request_timeout_s}s)"
+        ) from None
+    except BatchFailed:
+        # Logged with its traceback by the batcher; the client gets no internals.
+        raise InferenceFailed("the model failed on the batch holding this request") from None
+    finally:
+        arrival.cancel()
