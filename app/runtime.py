@@ -22,7 +22,8 @@ from app.repository import ModelConfigError, ModelSpec, Precision
 
 logger = logging.getLogger("evalserve.runtime")
 
-# One image's input for a batch: its uint8 (H, W, C) array and how many classes it wants back.
+# One image's input for a batch: its uint8 (H, W, C) array (or a float32 (C, H, W) tensor the
+# client normalised) and how many classes it wants back.
 Request = tuple[np.ndarray, int]
 # One image's answer: its top-k scores and class indices, best first.
 TopK = tuple[list[float], list[int]]
@@ -255,15 +256,36 @@ class Classifier:
         """Logits of a normalised batch. Call only from the worker, under inference mode."""
         return self.module(batch)
 
+    def _normalised(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 (H, W, C) images to a normalised float32 (B, C, H, W) batch on the device."""
+        stacked = torch.from_numpy(np.stack(images))
+        if self.device.type == "cuda":
+            stacked = stacked.pin_memory()  # so the copy below really is asynchronous
+        # One host-to-device copy of uint8, then convert and normalise on the device.
+        batch = stacked.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        # (B, H, W, C) memory seen as (B, C, H, W) is already channels_last: keep it.
+        return batch.float().div_(255.0).sub_(self._mean).div_(self._std)
+
+    def _input_batch(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """The model input for a batch of uint8 (H, W, C) images and/or float32 (C, H, W)
+        tensors a client normalised itself (the /v2 protocol allows both, in one batch)."""
+        if all(array.dtype == np.uint8 for array in arrays):
+            batch = self._normalised(arrays)
+        else:
+            channels, height, width = self.spec.input_size
+            batch = torch.empty((len(arrays), channels, height, width), device=self.device)
+            images = [i for i, array in enumerate(arrays) if array.dtype == np.uint8]
+            tensors = [i for i, array in enumerate(arrays) if array.dtype != np.uint8]
+            if images:
+                batch[images] = self._normalised([arrays[i] for i in images])
+            stacked = torch.from_numpy(np.stack([arrays[i] for i in tensors]))
+            batch[tensors] = stacked.to(self.device, dtype=torch.float32)
+        return batch.contiguous(memory_format=torch.channels_last)
+
     def predict(self, requests: Sequence[Request]) -> list[TopK]:
         """Top-k classes of a batch. Runs in the worker thread (``self.executor``)."""
         with torch.inference_mode():
-            stacked = torch.from_numpy(np.stack([array for array, _ in requests]))
-            # One host-to-device copy of uint8, then convert and normalise on the device.
-            batch = stacked.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-            # (B, H, W, C) memory seen as (B, C, H, W) is already channels_last: keep it.
-            batch = batch.float().div_(255.0).sub_(self._mean).div_(self._std)
-            batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = self._input_batch([array for array, _ in requests])
             with torch.autocast(
                 self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
             ):

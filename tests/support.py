@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.config import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -74,3 +79,36 @@ def digits_trainer():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+@contextmanager
+def live_server(**overrides: Any) -> Iterator[tuple[str, FastAPI]]:
+    """A real uvicorn server on 127.0.0.1, in a thread of this process, so a test can reach the
+    app's state. Yields its URL and the app."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from app.main import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = create_app(make_settings(**overrides))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not server.started:
+            assert thread.is_alive(), "the server failed to start"
+            assert time.monotonic() < deadline, "the server did not start in time"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)

@@ -85,26 +85,46 @@ def error_response(
     return JSONResponse(error_body(code, message), status_code=status_code, headers=headers)
 
 
-async def _service_error(_: Request, exc: Exception) -> JSONResponse:
+def _is_v2(request: Request) -> bool:
+    return request.url.path == "/v2" or request.url.path.startswith("/v2/")
+
+
+def _respond(
+    request: Request,
+    status_code: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    # The Open Inference Protocol's routes answer its own error shape: {"error": "..."}.
+    if _is_v2(request):
+        return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+    return error_response(status_code, code, message, headers)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+    return _respond(request, exc.status_code, exc.code, exc.message, exc.headers)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     phrase = HTTPStatus(exc.status_code).phrase
     code = phrase.lower().replace(" ", "_").replace("-", "_")
     message = exc.detail if isinstance(exc.detail, str) else phrase
-    return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+    return _respond(request, exc.status_code, code, message, dict(exc.headers or {}))
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = []
     for err in exc.errors():
         where = ".".join(str(part) for part in err.get("loc", ()))
         problems.append(f"{where}: {err.get('msg', 'invalid')}")
-    return error_response(422, "invalid_parameter", "; ".join(problems) or "invalid request")
+    message = "; ".join(problems) or "invalid request"
+    # The protocol answers malformed requests with 400.
+    status = 400 if _is_v2(request) else 422
+    return _respond(request, status, "invalid_parameter", message)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -9,51 +9,22 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from PIL import Image
-from support import CAT_CLASSES, COFFEE_CLASSES, FIXTURES, MODELS, make_settings, photo
+from support import CAT_CLASSES, COFFEE_CLASSES, FIXTURES, MODELS, live_server, photo
 
 from app.cli import main
 from app.client import AsyncClient, Client, EvalserveError
-from app.main import create_app
 from app.serving import ServedModel
 
 pytestmark = pytest.mark.e2e
-
-
-@contextmanager
-def live_server(**overrides: Any) -> Iterator[tuple[str, FastAPI]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    app = create_app(make_settings(**overrides))
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while not server.started:
-            assert thread.is_alive(), "the server failed to start"
-            assert time.monotonic() < deadline, "the server did not start in time"
-            time.sleep(0.05)
-        yield url, app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
 
 
 @pytest.fixture(scope="module")
