@@ -10,8 +10,9 @@ BIN := $(VENV)/bin
 # torch and torchvision are installed first, pinned, so pip takes the pair this machine holds.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
-# Debian packages the tests use: docker-compose 1.29 validates the compose files offline.
-APT_PACKAGES := docker-compose
+# Debian packages the tests use: docker-compose 1.29 validates the compose files offline;
+# Chromium runs the web page's tests (Playwright drives it; browser downloads are impossible).
+APT_PACKAGES := docker-compose chromium
 
 .PHONY: serve test lint install test-tools
 
@@ -26,8 +27,8 @@ install: $(STAMP)
 
 # Only the tests need these (as root, which the CI and dev machines are).
 test-tools:
-	command -v docker-compose >/dev/null || { apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
+	command -v docker-compose >/dev/null && command -v chromium >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
 
 serve: $(STAMP)
 	$(BIN)/evalserve serve

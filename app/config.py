@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="Server log level."
     )
+    ui: bool = Field(
+        default=True, description="Serve the try-it page at /; off for locked-down deployments."
+    )
     log_format: Literal["text", "json"] = Field(
         default="text", description="text: readable lines; json: one JSON object per line."
     )

@@ -10,7 +10,7 @@ from functools import partial
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import health, models, predict, v2
+from app.api import health, models, predict, ui, v2
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestMiddleware
 from app.config import Settings
@@ -70,4 +70,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.metrics_router)
     app.include_router(v2.open_router)
     app.include_router(v2.router)
+    if settings.ui:
+        ui.install(app)
     return app

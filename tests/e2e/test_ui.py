@@ -1,0 +1,221 @@
+"""The try-it page in a real browser: Debian's Chromium, driven by Playwright, against a live
+server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from support import CAT_CLASSES, COFFEE_CLASSES, FIXTURES, ROOT, live_server
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As root in a container, with the network closed: no sandbox, no background fetches.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# `make test` saves the README's screenshot here when this is set; otherwise it goes to tmp.
+SCREENSHOT = os.environ.get("EVALSERVE_UI_SCREENSHOT")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert Path(CHROMIUM).exists(), "Debian's chromium is not installed (make test installs it)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with live_server() as (url, _):
+        yield url
+
+
+@pytest.fixture
+def page(browser: Browser, server: str) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    page = context.new_page()
+    page.requests = []  # type: ignore[attr-defined]
+    page.on("request", lambda request: page.requests.append(request.url))  # type: ignore[attr-defined]
+    page.goto(server)
+    expect(page.locator("#model option")).to_have_count(2)
+    yield page
+    context.close()
+
+
+def first_label(card: object) -> str:
+    return card.locator(".bar .label").first.inner_text()  # type: ignore[attr-defined]
+
+
+def card_for(page: Page, name: str) -> object:
+    return page.locator(".card", has=page.locator("figcaption", has_text=name))
+
+
+def test_cat_photo_gets_a_cat_bar_first(page: Page, server: str, tmp_path: Path) -> None:
+    expect(page.locator("#model")).to_have_value("efficientnet_lite0")
+    expect(page.get_by_label("API key")).to_be_hidden()  # no keys configured
+    page.set_input_files("#files", str(FIXTURES / "chelsea.jpg"))
+    card = card_for(page, "chelsea.jpg")
+    expect(card.locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
+    assert first_label(card) in CAT_CLASSES
+    expect(card.locator(".meta")).to_contain_text("ms")  # type: ignore[attr-defined]
+    # Each bar is drawn as long as its score: fill width / track width = score.
+    for bar in card.locator(".bar").all():  # type: ignore[attr-defined]
+        score = float(bar.locator(".score").inner_text().rstrip("%")) / 100
+        fill = bar.locator(".fill").bounding_box()
+        track = bar.locator(".track").bounding_box()
+        assert fill is not None and track is not None and track["width"] > 50
+        assert fill["width"] / track["width"] == pytest.approx(max(score, 0.005), abs=0.02)
+    expect(card.locator("img")).to_have_attribute("alt", "Preview of chelsea.jpg")  # type: ignore[attr-defined]
+    shot = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "ui.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Nothing left the server's origin (the preview is a blob: URL of the page itself).
+    assert page.requests  # type: ignore[attr-defined]
+    for url in page.requests:  # type: ignore[attr-defined]
+        assert url.startswith((server + "/", "blob:", "data:")), url
+
+
+def test_two_images_at_once_each_beside_its_own_preview(page: Page) -> None:
+    page.set_input_files("#files", [str(FIXTURES / "coffee.jpg"), str(FIXTURES / "chelsea.png")])
+    expect(page.locator(".card")).to_have_count(2)
+    coffee, cat = card_for(page, "coffee.jpg"), card_for(page, "chelsea.png")
+    expect(coffee.locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
+    expect(cat.locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
+    assert first_label(coffee) in COFFEE_CLASSES
+    assert first_label(cat) in CAT_CLASSES
+
+
+def test_a_text_file_named_jpg_shows_the_servers_error_and_the_next_upload_works(
+    page: Page, tmp_path: Path
+) -> None:
+    fake = tmp_path / "notes.jpg"
+    fake.write_text("this is not an image")
+    page.set_input_files("#files", str(fake))
+    error = card_for(page, "notes.jpg").locator(".error")  # type: ignore[attr-defined]
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("Not a readable image (400)")
+    expect(error).to_contain_text("notes.jpg")
+    page.set_input_files("#files", str(FIXTURES / "coffee.jpg"))
+    expect(card_for(page, "coffee.jpg").locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
+
+
+def _dispatch_files(page: Page, event: str, target: str, name: str) -> None:
+    data = base64.b64encode((FIXTURES / name).read_bytes()).decode()
+    page.evaluate(
+        """([event, target, name, data]) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
+            const init = { bubbles: true, cancelable: true };
+            const fired = event === "paste"
+                ? new ClipboardEvent("paste", { ...init, clipboardData: transfer })
+                : new DragEvent(event, { ...init, dataTransfer: transfer });
+            document.querySelector(target).dispatchEvent(fired);
+        }""",
+        [event, target, name, data],
+    )
+
+
+def test_paste_and_drag_and_drop_classify_too(page: Page) -> None:
+    _dispatch_files(page, "paste", "body", "chelsea.jpg")
+    expect(card_for(page, "chelsea.jpg").locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
+    _dispatch_files(page, "drop", "#drop", "coffee.jpg")
+    expect(card_for(page, "coffee.jpg").locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
+    assert first_label(card_for(page, "coffee.jpg")) in COFFEE_CLASSES
+
+
+def test_keyboard_opens_the_file_picker_and_controls_have_labels(page: Page) -> None:
+    page.keyboard.press("Tab")  # the model picker
+    expect(page.locator("#model")).to_be_focused()
+    page.keyboard.press("Tab")  # the drop zone
+    expect(page.locator("#drop")).to_be_focused()
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(FIXTURES / "chelsea.jpg"))
+    expect(card_for(page, "chelsea.jpg").locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
+    expect(page.get_by_label("Model")).to_be_visible()
+    expect(page.get_by_role("button", name="Choose images to classify")).to_be_visible()
+
+
+def test_phone_sized_screen_stacks_preview_above_the_bars(browser: Browser, server: str) -> None:
+    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True)
+    page = context.new_page()
+    try:
+        page.goto(server)
+        expect(page.locator("#model option")).to_have_count(2)
+        page.set_input_files("#files", str(FIXTURES / "chelsea.jpg"))
+        card = card_for(page, "chelsea.jpg")
+        expect(card.locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
+        image = card.locator("img").bounding_box()  # type: ignore[attr-defined]
+        bars = card.locator(".bars").bounding_box()  # type: ignore[attr-defined]
+        assert bars["y"] >= image["y"] + image["height"] - 1  # stacked, not side by side
+        assert bars["x"] + bars["width"] <= 375
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 375, "the page scrolls sideways on a phone"
+    finally:
+        context.close()
+
+
+def test_api_key_field_appears_and_the_key_is_sent(browser: Browser) -> None:
+    with live_server(api_keys="page-key") as (url, _):
+        context = browser.new_context()
+        page = context.new_page()
+        try:
+            page.goto(url)
+            key = page.get_by_label("API key")
+            expect(key).to_be_visible()
+            expect(page.locator("#status")).to_contain_text("(401)")
+            key.fill("wrong-key")
+            key.press("Enter")
+            key.dispatch_event("change")
+            expect(page.locator("#status")).to_contain_text("(403)")
+            key.fill("page-key")
+            key.dispatch_event("change")
+            expect(page.locator("#model option")).to_have_count(2)
+            page.set_input_files("#files", str(FIXTURES / "chelsea.jpg"))
+            expect(card_for(page, "chelsea.jpg").locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
+            stored = page.evaluate("sessionStorage.getItem('evalserve-api-key')")
+            assert stored == "page-key"
+            assert page.evaluate("localStorage.length") == 0  # only the session keeps it
+        finally:
+            context.close()
+
+
+def test_too_large_upload_shows_the_413_message(browser: Browser) -> None:
+    with live_server(max_upload_bytes=4096) as (url, _):
+        context = browser.new_context()
+        page = context.new_page()
+        try:
+            page.goto(url)
+            expect(page.locator("#model option")).to_have_count(2)
+            page.set_input_files("#files", str(FIXTURES / "chelsea.jpg"))
+            error = card_for(page, "chelsea.jpg").locator(".error")  # type: ignore[attr-defined]
+            expect(error).to_contain_text("Too large (413)")
+        finally:
+            context.close()
+
+
+def test_the_page_can_be_turned_off(server: str) -> None:
+    import httpx
+
+    with live_server(ui=False) as (url, _):
+        assert httpx.get(url + "/").status_code == 404
+        assert httpx.get(url + "/ui/app.js").status_code == 404
+    assert httpx.get(server + "/").status_code == 200
+    assert ROOT.exists()
