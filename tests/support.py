@@ -112,3 +112,87 @@ def live_server(**overrides: Any) -> Iterator[tuple[str, FastAPI]]:
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+class ServerProcess:
+    """``python -m app serve`` in a subprocess on a free port of 127.0.0.1. Its output goes to a
+    file, not a pipe: a pipe nobody reads fills up with access-log lines and stalls the server."""
+
+    def __init__(self, log: Path, *args: str, **env: str) -> None:
+        import os
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port: int = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1"]
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [*command, "--port", str(self.port), *args],
+                cwd=ROOT,
+                env={**os.environ, "EVALSERVE_DEVICE": "cpu", **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, f"the server exited:\n{self.output()}"
+            assert time.monotonic() < deadline, f"the server is not ready:\n{self.output()}"
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+
+    def memory(self, field: str = "VmRSS") -> int:
+        """A memory figure of the server process from /proc (VmRSS, VmHWM, ...), in bytes."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                value, unit = line.split()[1:3]
+                assert unit == "kB", line
+                return int(value) * 1024
+        raise AssertionError(f"{field} not in /proc/{self.process.pid}/status")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (if still running), then its exit status; killed if it outlasts ``timeout``."""
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def wait_exit(self, timeout: float = 180.0) -> int:
+        return self.process.wait(timeout=timeout)
+
+
+@contextmanager
+def running_server(log: Path, *args: str, **env: str) -> Iterator[ServerProcess]:
+    """A ready server; on exit it is stopped with SIGTERM and must have exited 0, cleanly."""
+    server = ServerProcess(log, *args, **env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        code = server.stop()
+    assert code == 0, server.output()
+    assert "Traceback" not in server.output(), server.output()

@@ -4,53 +4,34 @@ clients are cut off, and JSON logs come out one object per line."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
-from support import ROOT, photo
+from support import ServerProcess, photo
 
 pytestmark = pytest.mark.e2e
 
 
 @contextmanager
-def server_process(**env: str) -> Iterator[tuple[subprocess.Popen[str], str, int]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, "EVALSERVE_DEVICE": "cpu", **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, "the server exited during start-up"
-            assert time.monotonic() < deadline, "the server did not become ready"
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield process, url, port
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate()
+def server_process(**env: str) -> Iterator[ServerProcess]:
+    """A ready server whose stopping the test itself controls (and checks)."""
+    with tempfile.TemporaryDirectory() as folder:
+        server = ServerProcess(Path(folder) / "server.log", **env)
+        try:
+            server.wait_ready()
+            yield server
+        finally:
+            if server.process.poll() is None:
+                server.process.kill()
+            server.process.wait()
 
 
 def test_sigterm_under_load_answers_every_accepted_request_and_exits_zero() -> None:
@@ -78,7 +59,8 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_zero() -> N
                 if response.status_code == 503:
                     return  # a real client goes to another replica now
 
-    with server_process(EVALSERVE_DRAIN_DELAY_S="1.5") as (process, url, _):
+    with server_process(EVALSERVE_DRAIN_DELAY_S="1.5") as server:
+        process, url = server.process, server.url
         threads = [threading.Thread(target=client, args=(url,)) for _ in range(16)]
         for thread in threads:
             thread.start()
@@ -89,7 +71,8 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_zero() -> N
         ready = httpx.get(f"{url}/health/ready", timeout=5)
         assert ready.status_code == 503
         assert ready.json()["error"]["code"] == "draining"
-        output, _ = process.communicate(timeout=90)
+        process.wait(timeout=90)
+        output = server.output()
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
@@ -111,8 +94,8 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_zero() -> N
 
 def test_a_trickling_upload_is_cut_off_with_408() -> None:
     with (
-        server_process(EVALSERVE_BODY_TIMEOUT_S="1") as (_, url, port),
-        socket.create_connection(("127.0.0.1", port), timeout=30) as sock,
+        server_process(EVALSERVE_BODY_TIMEOUT_S="1") as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock,
     ):
         sock.sendall(
             b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
@@ -134,14 +117,14 @@ def test_a_trickling_upload_is_cut_off_with_408() -> None:
                 break
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
         # The server is fine afterwards.
-        response = httpx.post(f"{url}/v1/predict", files={"file": photo("chelsea.jpg")})
+        response = httpx.post(f"{server.url}/v1/predict", files={"file": photo("chelsea.jpg")})
         assert response.status_code == 200
 
 
 def test_oversized_headers_are_refused_and_the_server_keeps_serving() -> None:
     with (
-        server_process(EVALSERVE_MAX_HEADER_BYTES="4096") as (_, url, port),
-        socket.create_connection(("127.0.0.1", port), timeout=30) as sock,
+        server_process(EVALSERVE_MAX_HEADER_BYTES="4096") as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock,
     ):
         sock.sendall(
             b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
@@ -155,19 +138,20 @@ def test_oversized_headers_are_refused_and_the_server_keeps_serving() -> None:
             reply += chunk
         assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
         assert b"header_too_large" in reply
-        assert httpx.get(f"{url}/health/live").status_code == 200
+        assert httpx.get(f"{server.url}/health/live").status_code == 200
 
 
 def test_json_log_format_gives_one_object_per_line() -> None:
-    with server_process(EVALSERVE_LOG_FORMAT="json") as (process, url, _):
+    with server_process(EVALSERVE_LOG_FORMAT="json") as server:
+        url = server.url
         response = httpx.post(
             f"{url}/v1/predict",
             files={"file": ("cat.jpg", photo("chelsea.jpg"))},
             headers={"X-Request-ID": "json-7"},
         )
         assert response.status_code == 200
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
+        server.stop()
+        output = server.output()
     entries = [json.loads(line) for line in output.splitlines() if line.strip()]
     access = [e for e in entries if e.get("request_id") == "json-7"]
     assert len(access) == 1

@@ -11,17 +11,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
-import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +42,11 @@ from support import (
     DEFAULT_MODEL,
     FIXTURES,
     MODELS,
-    ROOT,
+    ServerProcess,
     make_settings,
     photo,
     png_header_only,
+    running_server,
 )
 
 from app.main import create_app
@@ -512,74 +506,6 @@ def test_a_1x1_image_is_valid(client: TestClient, fmt: str, model: str) -> None:
     assert len(response.json()["predictions"][0]["classes"]) == 5
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def status(self, field: str) -> int:
-        """A memory figure of the server process from /proc, in bytes."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                value, unit = line.split()[1:3]
-                assert unit == "kB", line
-                return int(value) * 1024
-        raise AssertionError(f"{field} not in /proc/{self.process.pid}/status")
-
-
-@contextmanager
-def running_server(log: Path, **env: str) -> Iterator[Server]:
-    """``python -m app serve`` on a free port of 127.0.0.1, its output in ``log`` (a pipe nobody
-    reads would fill and stall the server), stopped with SIGTERM: it must exit 0, cleanly."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    settings = {
-        "EVALSERVE_DEVICE": "cpu",
-        "EVALSERVE_TORCH_THREADS": "2",
-        "EVALSERVE_DRAIN_DELAY_S": "0",
-        **env,
-    }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env={**os.environ, **settings},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, f"server exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"server not ready:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield Server(url, process, log)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise
-    output = log.read_text()
-    assert process.returncode == 0, output
-    assert "Traceback" not in output, output
-
-
 def no_resize_repository(root: Path) -> Path:
     """The real models, plus ``digits_noresize``: the digits network with a crop and no resize."""
     repo = root / "models"
@@ -609,14 +535,14 @@ def strip(width: int, height: int, fmt: str = "PNG") -> bytes:
 
 
 @pytest.fixture(scope="module")
-def strip_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def strip_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("strips")
     repo = no_resize_repository(root)
     with running_server(root / "server.log", EVALSERVE_MODEL_REPOSITORY=str(repo)) as server:
         yield server
 
 
-def test_extreme_aspect_ratios_are_answered_in_bounded_memory(strip_server: Server) -> None:
+def test_extreme_aspect_ratios_are_answered_in_bounded_memory(strip_server: ServerProcess) -> None:
     with httpx.Client(base_url=strip_server.url, timeout=120) as http:
         info = http.get("/v1/models/digits_noresize").json()
         assert info["preprocessing"]["resize"] is None, info
@@ -626,7 +552,7 @@ def test_extreme_aspect_ratios_are_answered_in_bounded_memory(strip_server: Serv
                 f"/v1/models/{model}/predict", files={"file": ("chelsea.jpg", photo("chelsea.jpg"))}
             )
             assert response.status_code == 200, response.text
-        before = strip_server.status("VmHWM")
+        before = strip_server.memory("VmHWM")
         cases = [
             (DEFAULT_MODEL, "wide.png", strip(20000, 1)),
             (DEFAULT_MODEL, "tall.png", strip(1, 20000)),
@@ -639,7 +565,7 @@ def test_extreme_aspect_ratios_are_answered_in_bounded_memory(strip_server: Serv
             response = http.post(f"/v1/models/{model}/predict", files={"file": (name, data)})
             assert response.status_code == 200, f"{model} {name}: {response.text}"
             assert len(response.json()["predictions"][0]["classes"]) == 5
-        after = strip_server.status("VmHWM")
+        after = strip_server.memory("VmHWM")
     grown = (after - before) / 2**20
     print(f"server peak RSS (VmHWM): {before / 2**20:.0f} MB -> {after / 2**20:.0f} MB")
     # A naive resize of 20000x1 to a 256-pixel short side is 5,120,000x256 RGB: about 3.9 GB.
@@ -656,7 +582,7 @@ def corrupt_exif_jpeg() -> bytes:
 
 
 def test_damage_pillow_only_warns_about_is_answered_normally_by_a_real_server(
-    strip_server: Server,
+    strip_server: ServerProcess,
 ) -> None:
     """Why PILLOW_CARRIES_ON is right: where warnings are not errors, as in production, these
     uploads get their ordinary answers, not a 500."""

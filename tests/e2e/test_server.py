@@ -3,90 +3,39 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from support import CAT_CLASSES, COFFEE_CLASSES, DEFAULT_MODEL, MODELS, PHOTOS, ROOT, photo
+from support import (
+    CAT_CLASSES,
+    COFFEE_CLASSES,
+    DEFAULT_MODEL,
+    MODELS,
+    PHOTOS,
+    ServerProcess,
+    photo,
+    running_server,
+)
 
 pytestmark = pytest.mark.e2e
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    url: str
-    port: int
-    process: subprocess.Popen[str]
-
-
-def start_server(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], int]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    return process, port
-
-
-def wait_ready(process: subprocess.Popen[str], url: str, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output, _ = process.communicate()
-            raise AssertionError(f"server exited with {process.returncode}:\n{output}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    process.communicate()
-    raise AssertionError("server did not become ready in time")
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    process, port = start_server({"EVALSERVE_MAX_BATCH_DELAY_MS": "50", "EVALSERVE_DEVICE": "cpu"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(process, url)
-        yield Server(url, port, process)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-            raise
-    # SIGTERM is the normal way to stop a replica: a clean shutdown exits 0.
-    assert process.returncode == 0, output
-    assert "Traceback" not in output, output
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    # Stopped with SIGTERM at the end, the normal way to stop a replica: it must exit 0.
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(log, EVALSERVE_MAX_BATCH_DELAY_MS="50") as server:
+        yield server
 
 
-def test_cat_photo_over_http_is_a_cat(server: Server) -> None:
+def test_cat_photo_over_http_is_a_cat(server: ServerProcess) -> None:
     # What the README's curl does: multipart with one `file` part.
     response = httpx.post(
         f"{server.url}/v1/predict", files={"file": ("cat.jpg", photo("chelsea.jpg"))}, timeout=30
@@ -97,7 +46,7 @@ def test_cat_photo_over_http_is_a_cat(server: Server) -> None:
     assert body["predictions"][0]["classes"][0]["label"] in CAT_CLASSES
 
 
-def test_raw_png_body_over_http(server: Server) -> None:
+def test_raw_png_body_over_http(server: ServerProcess) -> None:
     response = httpx.post(
         f"{server.url}/v1/models/{DEFAULT_MODEL}/predict?top_k=3",
         content=photo("coffee.png"),
@@ -120,7 +69,7 @@ def full_scores(url: str, name: str) -> torch.Tensor:
     return scores
 
 
-def test_concurrent_clients_get_the_scores_they_get_alone(server: Server) -> None:
+def test_concurrent_clients_get_the_scores_they_get_alone(server: ServerProcess) -> None:
     alone = [full_scores(server.url, name) for name in PHOTOS]
     with concurrent.futures.ThreadPoolExecutor(len(PHOTOS)) as pool:
         together = list(pool.map(lambda name: full_scores(server.url, name), PHOTOS))
@@ -128,7 +77,7 @@ def test_concurrent_clients_get_the_scores_they_get_alone(server: Server) -> Non
         assert torch.allclose(single, batched, atol=1e-5, rtol=0), name
 
 
-def test_bad_uploads_get_clear_errors_and_the_server_keeps_serving(server: Server) -> None:
+def test_bad_uploads_get_clear_errors_and_the_server_keeps_serving(server: ServerProcess) -> None:
     cases = [
         ({"files": {"file": ("notes.jpg", b"plain text")}}, 400, "notes.jpg"),
         ({"content": b"hi", "headers": {"Content-Type": "text/plain"}}, 415, "text/plain"),
@@ -141,7 +90,9 @@ def test_bad_uploads_get_clear_errors_and_the_server_keeps_serving(server: Serve
     test_cat_photo_over_http_is_a_cat(server)
 
 
-def test_oversized_chunked_upload_is_refused_while_it_is_still_arriving(server: Server) -> None:
+def test_oversized_chunked_upload_is_refused_while_it_is_still_arriving(
+    server: ServerProcess,
+) -> None:
     """Send 21 MiB of a chunked body and then stop sending without finishing it.
 
     A server that buffered the whole body before checking would wait for the rest forever; the
@@ -167,7 +118,7 @@ def test_oversized_chunked_upload_is_refused_while_it_is_still_arriving(server: 
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
 
 
-def test_declared_oversized_body_is_refused_before_it_is_sent(server: Server) -> None:
+def test_declared_oversized_body_is_refused_before_it_is_sent(server: ServerProcess) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(
             b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -186,14 +137,9 @@ def test_console_script_and_module_share_one_cli() -> None:
     assert result.returncode == 0 and "--model-repository" in result.stdout
 
 
-def run_to_exit(env: dict[str, str], timeout: float = 180) -> tuple[int, str]:
-    process, _ = start_server(env)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-    return process.returncode, output
+def run_to_exit(log: Path, env: dict[str, str]) -> tuple[int, str]:
+    server = ServerProcess(log, **env)
+    return server.wait_exit(), server.output()
 
 
 def broken_repository(tmp_path: Path) -> Path:
@@ -211,7 +157,7 @@ def broken_repository(tmp_path: Path) -> Path:
 
 def test_missing_weights_stop_the_server_with_one_clear_line(tmp_path: Path) -> None:
     repo = broken_repository(tmp_path)
-    code, output = run_to_exit({"EVALSERVE_MODEL_REPOSITORY": str(repo)})
+    code, output = run_to_exit(tmp_path / "log", {"EVALSERVE_MODEL_REPOSITORY": str(repo)})
     assert code != 0
     assert "cannot start: model 'broken': weights file not found" in output
     assert "Traceback" not in output
@@ -220,6 +166,6 @@ def test_missing_weights_stop_the_server_with_one_clear_line(tmp_path: Path) -> 
 def test_weights_that_do_not_load_stop_the_server(tmp_path: Path) -> None:
     repo = broken_repository(tmp_path)
     torch.save({"features.0.weight": torch.zeros(1)}, repo / "broken" / "weights.pth")
-    code, output = run_to_exit({"EVALSERVE_MODEL_REPOSITORY": str(repo)})
+    code, output = run_to_exit(tmp_path / "log", {"EVALSERVE_MODEL_REPOSITORY": str(repo)})
     assert code != 0
     assert "model 'broken': weights do not fit the architecture" in output

@@ -4,22 +4,15 @@ flat, every answer is 200, and the metrics account for every image."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import ROOT
+from support import running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -27,72 +20,6 @@ MODEL = "digits"
 TOTAL = 5000
 MARK = 500  # resident memory is read after this many, and again at the end
 CLIENTS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-
-    def rss(self) -> int:
-        """The server process's resident memory (VmRSS), in bytes."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                value, unit = line.split()[1:3]
-                assert unit == "kB", line
-                return int(value) * 1024
-        raise AssertionError(f"VmRSS not in /proc/{self.process.pid}/status")
-
-
-@contextmanager
-def running_server(log: Path) -> Iterator[Server]:
-    """``python -m app serve`` on a free port of 127.0.0.1, its output (an access-log line per
-    request) in ``log`` rather than a pipe nobody reads; stopped with SIGTERM, it must exit 0."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "EVALSERVE_DEVICE": "cpu",
-        "EVALSERVE_TORCH_THREADS": "2",
-        "EVALSERVE_DRAIN_DELAY_S": "0",
-    }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, f"server exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"server not ready:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield Server(url, process)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise
-    output = log.read_text()
-    assert process.returncode == 0, output[-5000:]
-    assert "Traceback" not in output, output[-5000:]
 
 
 def metric(text: str, sample: str, **labels: str) -> float:
@@ -154,9 +81,9 @@ def test_5000_predictions_in_a_row_keep_memory_flat_and_every_image_counted(
             limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
             async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http:
                 await predict_many(http, images, 0, MARK, tally)
-                at_mark = server.rss()
+                at_mark = server.memory()
                 await predict_many(http, images, MARK, TOTAL, tally)
-                return at_mark, server.rss()
+                return at_mark, server.memory()
 
         started = time.monotonic()
         at_mark, at_end = asyncio.run(soak())
