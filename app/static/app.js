@@ -167,14 +167,10 @@ function classifyAll(files) {
   });
 }
 
+// A real button, so Enter and Space work as everywhere else; a click anywhere on the drop zone
+// does the same for the mouse.
 drop.addEventListener("click", (event) => {
   if (event.target !== picker) picker.click();
-});
-drop.addEventListener("keydown", (event) => {
-  if (event.key === "Enter" || event.key === " ") {
-    event.preventDefault();
-    picker.click();
-  }
 });
 picker.addEventListener("click", (event) => event.stopPropagation());
 picker.addEventListener("change", () => {
