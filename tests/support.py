@@ -196,3 +196,17 @@ def running_server(log: Path, *args: str, **env: str) -> Iterator[ServerProcess]
         code = server.stop()
     assert code == 0, server.output()
     assert "Traceback" not in server.output(), server.output()
+
+
+def metric(text: str, sample: str, **labels: str) -> float:
+    """One sample's value from a Prometheus text exposition; exactly one must match."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample and s.labels == labels
+    ]
+    assert len(found) == 1, f"{sample}{labels}: {found}"
+    return found[0]

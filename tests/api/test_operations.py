@@ -13,27 +13,12 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi.testclient import TestClient
-from support import make_settings, photo
+from support import make_settings, metric, photo
 
 from app.logs import JsonFormatter
 from app.main import create_app
 
 SECRET = "s3cret-key-do-not-log"
-
-
-def sample(metrics: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in metrics.splitlines():
-        if line.startswith("#"):
-            continue
-        match = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
-        if not match or match[1] != name:
-            continue
-        got = ",".join(sorted((match[2] or "").split(","))) if match[2] else ""
-        if got == wanted:
-            return float(match[3])
-    return 0.0
 
 
 def test_metrics_match_what_was_sent() -> None:
@@ -60,24 +45,24 @@ def test_metrics_match_what_was_sent() -> None:
             batches = app.state.serving.default_model.batcher.stats.batches
         model = {"model": "efficientnet_lite0"}
         route = {"route": "/v1/predict", "method": "POST"}
-        assert sample(text, "evalserve_requests_total", **route, status="200") == 12
-        assert sample(text, "evalserve_requests_total", **route, status="400") == 1
-        assert sample(text, "evalserve_requests_total", **route, status="413") == 1
-        assert sample(text, "evalserve_request_duration_seconds_count", route="/v1/predict") == 14
-        assert sample(text, "evalserve_images_processed_total", **model) == 12
-        assert sample(text, "evalserve_images_rejected_total", **model, reason="bad_image") == 1
-        assert sample(text, "evalserve_images_rejected_total", **model, reason="too_large") == 1
-        assert sample(text, "evalserve_images_rejected_total", **model, reason="queue_full") == 0
+        assert metric(text, "evalserve_requests_total", **route, status="200") == 12
+        assert metric(text, "evalserve_requests_total", **route, status="400") == 1
+        assert metric(text, "evalserve_requests_total", **route, status="413") == 1
+        assert metric(text, "evalserve_request_duration_seconds_count", route="/v1/predict") == 14
+        assert metric(text, "evalserve_images_processed_total", **model) == 12
+        assert metric(text, "evalserve_images_rejected_total", **model, reason="bad_image") == 1
+        assert metric(text, "evalserve_images_rejected_total", **model, reason="too_large") == 1
+        assert metric(text, "evalserve_images_rejected_total", **model, reason="queue_full") == 0
         # The batch-size histogram saw every batch: 4 singles and the burst (in >= 1 batches).
-        assert sample(text, "evalserve_batch_size_count", **model) == batches
-        assert sample(text, "evalserve_batch_size_sum", **model) == 12
-        assert sample(text, "evalserve_batch_size_bucket", **model, le="1.0") == 4
+        assert metric(text, "evalserve_batch_size_count", **model) == batches
+        assert metric(text, "evalserve_batch_size_sum", **model) == 12
+        assert metric(text, "evalserve_batch_size_bucket", **model, le="1.0") == 4
         assert batches < 12  # the burst was batched
-        assert sample(text, "evalserve_queue_time_seconds_count", **model) == 12
-        assert sample(text, "evalserve_inference_duration_seconds_count", **model) == batches
-        assert sample(text, "evalserve_queue_depth", **model) == 0
-        assert sample(text, "evalserve_model_ready", **model) == 1
-        assert sample(text, "evalserve_model_ready", model="digits") == 1
+        assert metric(text, "evalserve_queue_time_seconds_count", **model) == 12
+        assert metric(text, "evalserve_inference_duration_seconds_count", **model) == batches
+        assert metric(text, "evalserve_queue_depth", **model) == 0
+        assert metric(text, "evalserve_model_ready", **model) == 1
+        assert metric(text, "evalserve_model_ready", model="digits") == 1
 
     asyncio.run(scenario())
 
@@ -88,7 +73,7 @@ def test_unknown_paths_share_one_metrics_label() -> None:
             assert client.get(path).status_code == 404
         text = client.get("/metrics").text
     assert (
-        sample(text, "evalserve_requests_total", route="unmatched", method="GET", status="404") == 3
+        metric(text, "evalserve_requests_total", route="unmatched", method="GET", status="404") == 3
     )
     assert '"/b/c"' not in text
 

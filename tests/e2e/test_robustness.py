@@ -28,7 +28,6 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -44,6 +43,7 @@ from support import (
     MODELS,
     ServerProcess,
     make_settings,
+    metric,
     photo,
     png_header_only,
     running_server,
@@ -604,18 +604,6 @@ def test_damage_pillow_only_warns_about_is_answered_normally_by_a_real_server(
 # --------------------------------------------------------------------------------------------
 # 4. Overload: 200 concurrent requests against a queue of 4.
 # --------------------------------------------------------------------------------------------
-
-
-def metric(text: str, sample: str, **labels: str) -> float:
-    """One sample's value from a Prometheus text exposition."""
-    found = [
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == sample and s.labels == labels
-    ]
-    assert len(found) == 1, f"{sample}{labels}: {found}"
-    return found[0]
 
 
 async def burst(url: str, count: int) -> tuple[list[httpx.Response], list[int]]:

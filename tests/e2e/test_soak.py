@@ -11,8 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from support import running_server
+from support import metric, running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -20,18 +19,6 @@ MODEL = "digits"
 TOTAL = 5000
 MARK = 500  # resident memory is read after this many, and again at the end
 CLIENTS = 8
-
-
-def metric(text: str, sample: str, **labels: str) -> float:
-    """One sample's value from a Prometheus text exposition."""
-    found = [
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == sample and s.labels == labels
-    ]
-    assert len(found) == 1, f"{sample}{labels}: {found}"
-    return found[0]
 
 
 @dataclass
