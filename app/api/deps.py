@@ -30,6 +30,17 @@ def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+def not_ready_reason(request: Request) -> str | None:
+    """Why the server is not ready ("draining" or "loading"), or None when it is: every model
+    loaded and warmed, and not shutting down. The one definition every probe uses."""
+    if request.app.state.lifecycle.draining:
+        return "draining"
+    serving: Serving | None = getattr(request.app.state, "serving", None)
+    if serving is None or not serving.ready:
+        return "loading"
+    return None
+
+
 ServingDep = Annotated[Serving, Depends(get_serving)]
 LifecycleDep = Annotated[Lifecycle, Depends(get_lifecycle)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

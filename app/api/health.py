@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.deps import MetricsDep
+from app.api.deps import MetricsDep, not_ready_reason
 from app.api.errors import error_response
 from app.api.schemas import ErrorResponse, HealthStatus
 
@@ -25,10 +25,10 @@ async def live() -> HealthStatus:
 )
 async def ready(request: Request) -> HealthStatus | JSONResponse:
     """200 only when every model is loaded and warmed and the server is not shutting down."""
-    if request.app.state.lifecycle.draining:
+    reason = not_ready_reason(request)
+    if reason == "draining":
         return error_response(503, "draining", "the server is shutting down")
-    serving = getattr(request.app.state, "serving", None)
-    if serving is None or not serving.ready:
+    if reason is not None:
         return error_response(503, "not_ready", "models are loading")
     return HealthStatus(status="ready")
 

@@ -26,7 +26,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import __version__
-from app.api.deps import LifecycleDep, MetricsDep, ServingDep, require_api_key
+from app.api.deps import (
+    LifecycleDep,
+    MetricsDep,
+    ServingDep,
+    not_ready_reason,
+    require_api_key,
+)
 from app.api.errors import BadRequest, ModelNotFound, PayloadTooLarge
 from app.api.inference import Upload, classify, inference_request, read_all, read_within_limits
 from app.serving import ServedModel
@@ -111,9 +117,9 @@ async def live() -> dict[str, bool]:
 @open_router.get("/health/ready", response_model=None)
 async def ready(request: Request) -> dict[str, bool] | JSONResponse:
     """200 when every model is loaded and warm and the server is not draining; 503 otherwise."""
-    serving = getattr(request.app.state, "serving", None)
-    if serving is None or not serving.ready or request.app.state.lifecycle.draining:
-        return JSONResponse({"error": "the server is not ready"}, status_code=503)
+    reason = not_ready_reason(request)
+    if reason is not None:
+        return JSONResponse({"error": f"the server is not ready ({reason})"}, status_code=503)
     return {"ready": True}
 
 
@@ -155,27 +161,24 @@ async def model_version_metadata(serving: ServingDep, name: Name, version: str) 
     return _metadata(_model(serving, name, version))
 
 
-def _model_ready(
-    request: Request, serving: ServingDep, lifecycle: LifecycleDep, name: str, version: str | None
-) -> Response:
+def _model_ready(request: Request, serving: ServingDep, name: str, version: str | None) -> Response:
     _model(serving, name, version)
-    if not serving.ready or lifecycle.draining:
-        return JSONResponse({"error": f"model {name!r} is not ready"}, status_code=503)
+    reason = not_ready_reason(request)
+    if reason is not None:
+        return JSONResponse({"error": f"model {name!r} is not ready ({reason})"}, status_code=503)
     return JSONResponse({"name": name, "ready": True})
 
 
 @router.get("/models/{name}/ready")
-async def model_ready(
-    request: Request, serving: ServingDep, lifecycle: LifecycleDep, name: Name
-) -> Response:
-    return _model_ready(request, serving, lifecycle, name, None)
+async def model_ready(request: Request, serving: ServingDep, name: Name) -> Response:
+    return _model_ready(request, serving, name, None)
 
 
 @router.get("/models/{name}/versions/{version}/ready")
 async def model_version_ready(
-    request: Request, serving: ServingDep, lifecycle: LifecycleDep, name: Name, version: str
+    request: Request, serving: ServingDep, name: Name, version: str
 ) -> Response:
-    return _model_ready(request, serving, lifecycle, name, version)
+    return _model_ready(request, serving, name, version)
 
 
 # --- infer --------------------------------------------------------------------------------
