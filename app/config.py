@@ -32,6 +32,10 @@ class Settings(BaseSettings):
         default=None,
         description="Every model's precision (fp32, bf16, fp16); unset keeps model.toml's.",
     )
+    compile: bool | None = Field(
+        default=None,
+        description="torch.compile every model (true/false); unset keeps model.toml's.",
+    )
     max_batch_size: int = Field(
         default=16, ge=1, le=1024, description="Most images in one forward pass."
     )

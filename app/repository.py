@@ -64,6 +64,15 @@ class ModelSection(_Section):
         default="fp32",
         description="fp32, or autocast to bf16 (CPU with bf16 support, CUDA) or fp16 (CUDA).",
     )
+    fold_batchnorm: bool = Field(
+        default=True,
+        description="Fold each BatchNorm into the convolution it follows, where a probe pass "
+        "proves the result identical (timm and torchvision sources).",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the model for each batch-size bucket during warm-up.",
+    )
     architecture: str | None = Field(
         default=None, description="timm or torchvision architecture name (timm/torchvision only)."
     )

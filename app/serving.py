@@ -48,7 +48,9 @@ class Serving:
 
 def _load_model(spec: ModelSpec, settings: Settings) -> Classifier:
     device = resolve_device(settings.device)
-    classifier = Classifier(spec, device, settings.torch_threads, settings.precision)
+    classifier = Classifier(
+        spec, device, settings.torch_threads, settings.precision, settings.compile
+    )
     try:
         classifier.warm_up(settings.max_batch_size)
     except BaseException:

@@ -40,6 +40,7 @@ def model_info(model: ServedModel, serving: Serving) -> ModelInfo:
         input_size=list(spec.input_size),
         device=str(model.classifier.device),
         dtype=str(model.classifier.dtype).removeprefix("torch."),
+        compiled_batch_sizes=list(model.classifier.buckets),
         batching=BatchingInfo(
             max_batch_size=model.batcher.max_batch_size,
             max_batch_delay_ms=model.batcher.max_delay_s * 1000.0,

@@ -68,6 +68,7 @@ class ModelInfo(BaseModel):
                     "input_size": [3, 224, 224],
                     "device": "cpu",
                     "dtype": "float32",
+                    "compiled_batch_sizes": [],
                     "batching": {
                         "max_batch_size": 16,
                         "max_batch_delay_ms": 5.0,
@@ -86,6 +87,10 @@ class ModelInfo(BaseModel):
     input_size: list[int] = Field(description="Channels, height, width of the model input.")
     device: str
     dtype: str
+    compiled_batch_sizes: list[int] = Field(
+        description="Batch sizes torch.compile specialised the model for (a batch is padded up "
+        "to the next one); empty when the model runs eagerly."
+    )
     batching: BatchingInfo
     preprocessing: PreprocessingInfo
 

@@ -1,0 +1,75 @@
+"""``compile``: a torch.compile-d model answers as the eager one, pads batches up to its compiled
+sizes, and never compiles while serving."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch._dynamo.utils
+from fastapi.testclient import TestClient
+from support import MODELS, make_settings
+
+from app.main import create_app
+
+
+def digits_only(tmp_path: Path) -> Path:
+    repo = tmp_path / "models"
+    shutil.copytree(MODELS / "digits", repo / "digits")
+    return repo
+
+
+def compiled_graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def serve_digits(repo: Path, images: list[Path], compile: bool) -> tuple[dict, list[Any]]:
+    """Model metadata, and the answers to requests of 1, 2, 3 and 4 images, in that order."""
+    settings = make_settings(
+        model_repository=repo, default_model="digits", compile=compile, max_batch_size=4
+    )
+    with TestClient(create_app(settings)) as client:
+        info = client.get("/v1/models/digits").json()
+        batcher = client.app.state.serving.default_model.batcher  # type: ignore[attr-defined]
+        graphs = compiled_graphs()
+        answers = []
+        for count in (1, 2, 3, 4):
+            files = [("file", (p.name, p.read_bytes(), "image/png")) for p in images[:count]]
+            response = client.post("/v1/predict?top_k=3", files=files)
+            assert response.status_code == 200, response.text
+            answers += response.json()["predictions"]
+            assert batcher.stats.largest_batch == count  # one batch per request
+        # Every batch size, 3 included (padded to 4), ran on a graph compiled at warm-up.
+        assert compiled_graphs() == graphs
+    return info, answers
+
+
+def test_compiled_model_answers_as_the_eager_one_and_never_compiles_while_serving(
+    tmp_path: Path, digits_test_split: Path
+) -> None:
+    repo = digits_only(tmp_path)
+    images = sorted(digits_test_split.glob("*/*.png"))[::37][:4]
+    before = compiled_graphs()
+    compiled_info, compiled = serve_digits(repo, images, compile=True)
+    assert compiled_info["compiled_batch_sizes"] == [1, 2, 4]
+    assert compiled_graphs() == before + 3  # one graph per bucket, all at warm-up
+    eager_info, eager = serve_digits(repo, images, compile=False)
+    assert eager_info["compiled_batch_sizes"] == []
+    assert len(compiled) == len(eager) == 10
+    for got, expected in zip(compiled, eager, strict=True):
+        assert [c["index"] for c in got["classes"]] == [c["index"] for c in expected["classes"]]
+        for a, b in zip(got["classes"], expected["classes"], strict=True):
+            assert abs(a["score"] - b["score"]) < 1e-5
+
+
+def test_compile_in_model_toml_is_overridden_by_the_setting(tmp_path: Path) -> None:
+    repo = digits_only(tmp_path)
+    toml = repo / "digits" / "model.toml"
+    toml.write_text(toml.read_text().replace("[model]", "[model]\ncompile = true"))
+    settings = make_settings(model_repository=repo, default_model="digits", compile=False)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/models/digits").json()["compiled_batch_sizes"] == []
+    settings = make_settings(model_repository=repo, default_model="digits", max_batch_size=2)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/models/digits").json()["compiled_batch_sizes"] == [1, 2]

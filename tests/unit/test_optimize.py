@@ -1,0 +1,144 @@
+"""BatchNorm folding keeps what the model computes, and refuses what it cannot prove."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from support import MODELS, PHOTOS, photo
+from torch import nn
+
+from app.optimize import compile_buckets, fold_batchnorm
+from app.preprocessing import ImageTransform
+from app.repository import discover
+from app.runtime import build_module
+
+
+def probe(*shape: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
+def batchnorms(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+
+def photos_batch() -> torch.Tensor:
+    spec = discover(MODELS)["efficientnet_lite0"]
+    transform = ImageTransform.from_spec(spec.preprocessing)
+    arrays = [transform(Image.open(io.BytesIO(photo(name)))) for name in PHOTOS]
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(spec.preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.preprocessing.std).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+def test_default_model_folds_every_batchnorm_and_keeps_its_logits() -> None:
+    spec = discover(MODELS)["efficientnet_lite0"]
+    model = build_module(spec).eval()
+    before = batchnorms(model)
+    folded, count = fold_batchnorm(model, probe(2, 3, 224, 224))
+    assert before == 49 and count == 49
+    assert batchnorms(folded) == 0 and not any(m.training for m in folded.modules())
+    assert batchnorms(model) == 49  # the original is left as it was
+    with torch.inference_mode():
+        images = photos_batch()
+        expected, got = model(images), folded(images)
+    assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+    assert torch.equal(got.topk(5).indices, expected.topk(5).indices)
+
+
+def test_torchvision_resnet_folds_including_its_downsample_branches() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    for module in model.modules():  # statistics far from the identity, so folding matters
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.5, 0.5)
+    model.eval()
+    folded, count = fold_batchnorm(model, probe(2, 3, 64, 64))
+    assert count == 20 and batchnorms(folded) == 0
+    with torch.inference_mode():
+        x = probe(4, 3, 64, 64) * 2
+        expected, got = model(x), folded(x)
+    assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
+class ConvThenNorm(nn.Module):
+    """A conv declared right before a BatchNorm of the same width: a candidate pair."""
+
+    def __init__(self, wiring: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.wiring = wiring
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wiring == "residual":  # the conv's output is also read past the BatchNorm
+            y = self.conv(x)
+            return self.bn(y) + y
+        if self.wiring == "norm_first":  # the BatchNorm reads the input, not the conv
+            return self.conv(self.bn(x))
+        return self.bn(self.conv(x))
+
+
+def test_a_plain_conv_then_batchnorm_is_folded() -> None:
+    model = ConvThenNorm("plain").eval()
+    folded, count = fold_batchnorm(model, probe(2, 4, 8, 8))
+    assert count == 1 and isinstance(folded.bn, nn.Identity)
+
+
+def test_conv_output_read_past_the_batchnorm_is_not_folded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = ConvThenNorm("residual").eval()
+    with caplog.at_level(logging.WARNING, logger="evalserve.optimize"):
+        folded, count = fold_batchnorm(model, probe(2, 4, 8, 8))
+    assert count == 0 and folded is model
+    assert "not folded" in caplog.text
+    assert isinstance(model.bn, nn.BatchNorm2d)
+
+
+def test_batchnorm_that_does_not_read_the_conv_is_not_folded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = ConvThenNorm("norm_first").eval()
+    with caplog.at_level(logging.WARNING, logger="evalserve.optimize"):
+        folded, count = fold_batchnorm(model, probe(2, 4, 8, 8))
+    assert count == 0 and folded is model
+    assert caplog.text == ""  # refused by the probe's data flow, before any rewrite was tried
+
+
+def test_unknown_batchnorm_subclass_is_left_alone() -> None:
+    class ScaledNorm(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    model = ConvThenNorm("plain")
+    model.bn = ScaledNorm(4)
+    folded, count = fold_batchnorm(model.eval(), probe(2, 4, 8, 8))
+    assert count == 0 and folded is model
+
+
+def test_a_model_in_train_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(ConvThenNorm("plain").train(), probe(2, 4, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("largest", "buckets"),
+    [(1, (1,)), (2, (1, 2)), (12, (1, 2, 4, 8, 12)), (16, (1, 2, 4, 8, 16))],
+)
+def test_compile_buckets_are_powers_of_two_and_the_largest_batch(
+    largest: int, buckets: tuple[int, ...]
+) -> None:
+    assert compile_buckets(largest) == buckets
