@@ -74,6 +74,9 @@ class Level:
     p99_ms: float
     mean_batch_size: float
     fraction_of_limit: float = 0.0
+    # Distinct transport errors (connection reset or closed without a response), if any; each
+    # occurrence is also counted in ``errors``.
+    connection_errors: list[str] = field(default_factory=list)
 
 
 def measure_limit(settings: Settings, model: str, images: list[bytes], seconds: float) -> Limit:
@@ -82,7 +85,11 @@ def measure_limit(settings: Settings, model: str, images: list[bytes], seconds: 
 
     spec = discover(settings.model_repository)[model]
     classifier = Classifier(
-        spec, resolve_device(settings.device), settings.torch_threads, settings.precision
+        spec,
+        resolve_device(settings.device),
+        settings.torch_threads,
+        settings.precision,
+        settings.compile,
     )
     transform = ImageTransform.from_spec(spec.preprocessing)
     size, top_k = settings.max_batch_size, min(settings.default_top_k, len(spec.labels))
@@ -138,6 +145,7 @@ async def drive(
 ) -> Level:
     latencies: list[float] = []
     errors = 0
+    dropped: list[str] = []
     headers = {"Content-Type": "image/jpeg"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -155,9 +163,16 @@ async def drive(
             nonlocal errors
             i = offset
             while time.perf_counter() < stop_at:
+                image, i = images[i % len(images)], i + 1
                 began = time.perf_counter()
-                response = await client.post(path, content=images[i % len(images)], headers=headers)
-                i += 1
+                try:
+                    response = await client.post(path, content=image, headers=headers)
+                except httpx.TransportError as exc:
+                    # Counted and reported, not fatal: a benchmark should say how often the
+                    # server dropped a connection, not die on the first.
+                    errors += 1
+                    dropped.append(f"{type(exc).__name__}: {exc}")
+                    continue
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - began)
                 else:
@@ -182,6 +197,7 @@ async def drive(
         p90_ms=percentile(90),
         p99_ms=percentile(99),
         mean_batch_size=(after[0] - before[0]) / batches if batches else 0.0,
+        connection_errors=sorted(set(dropped)),
     )
 
 
@@ -234,7 +250,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     left.legend(handles=handles, loc="upper left", fontsize=8)
     left.set_title(
-        f"evalserve {result['model']} ({result['precision']}) on {result['device']}, "
+        f"evalserve {result['model']} ({_variant(result)}) on {result['device']}, "
         f"batch {result['limit']['batch_size']}",
         fontsize=9,
     )
@@ -252,9 +268,12 @@ def run(
     seconds: float,
     out: Path,
     precision: Precision | None,
+    compile: bool | None = None,
     api_key: str | None = None,
 ) -> dict[str, Any]:
-    settings = Settings(precision=precision) if precision else Settings()
+    overrides: dict[str, Any] = {"precision": precision, "compile": compile}
+    # Only what was asked for: the rest (and an unset option) still comes from the environment.
+    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
     model = model or settings.default_model
     images = web_jpegs()
     process = None
@@ -265,6 +284,8 @@ def run(
         }
         if precision:
             env["EVALSERVE_PRECISION"] = precision
+        if compile is not None:
+            env["EVALSERVE_COMPILE"] = str(compile).lower()
         process, url = start_server(env)
     try:
         served = [
@@ -284,7 +305,8 @@ def run(
     spec = discover(settings.model_repository)[model]
     result: dict[str, Any] = {
         "model": model,
-        "precision": precision or spec.config.model.precision,
+        "precision": settings.precision or spec.config.model.precision,
+        "compiled": spec.config.model.compile if settings.compile is None else settings.compile,
         "device": str(resolve_device(settings.device)),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
@@ -296,17 +318,22 @@ def run(
         "served": [asdict(level) for level in served],
     }
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{model}-{result['precision']}-{result['device'].replace(':', '')}"
+    compiled = "-compiled" if result["compiled"] else ""
+    stem = f"{model}-{result['precision']}{compiled}-{result['device'].replace(':', '')}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     result["plot"] = str(out / f"{stem}.png") if plot(result, out / f"{stem}.png") else None
     result["json"] = str(out / f"{stem}.json")
     return result
 
 
+def _variant(result: dict[str, Any]) -> str:
+    return f"{result['precision']}, compiled" if result.get("compiled") else result["precision"]
+
+
 def format_result(result: dict[str, Any]) -> str:
     limit = result["limit"]
     lines = [
-        f"model {result['model']} ({result['precision']}) on {result['device']}, "
+        f"model {result['model']} ({_variant(result)}) on {result['device']}, "
         f"{result['cpus']} CPUs",
         f"in-process limit: {limit['images_per_s']:.1f} images/s at batch {limit['batch_size']} "
         f"({limit['batch_ms']:.0f} ms a batch); one image alone {limit['single_image_ms']:.1f} ms",
@@ -319,6 +346,9 @@ def format_result(result: dict[str, Any]) -> str:
             f"{level['p90_ms']:>8.1f} {level['p99_ms']:>8.1f} {level['mean_batch_size']:>6.1f} "
             f"{level['fraction_of_limit']:>9.0%} {level['errors']:>7}"
         )
+    for level in result["served"]:
+        for error in level.get("connection_errors", []):
+            lines.append(f"  {level['concurrency']} clients, connection error: {error}")
     plotted = f", plot: {result['plot']}" if result["plot"] else " (no plot: install matplotlib)"
     lines.append(f"results: {result['json']}{plotted}")
     return "\n".join(lines)

@@ -85,6 +85,11 @@ def _bench_parser(subparsers: Any) -> None:
     )
     bench.add_argument("--seconds", type=float, default=15.0, help="per level (default 15)")
     bench.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="for all models")
+    bench.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile every model (default: model.toml's)",
+    )
     bench.add_argument("--api-key", help="bearer key, when the server requires one")
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where results go")
 
@@ -238,8 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(
                 f"{found.model} {found.precision} vs fp32 on {found.device}: top-1 agreement "
-                f"{found.top1_agreement:.2%} over {found.images} images; largest top-1 score "
-                f"change {found.max_top1_score_change:.4f}"
+                f"{found.top1_agreement:.2%} over {found.images} images (95% interval "
+                f"{found.top1_agreement_95ci[0]:.2%} to {found.top1_agreement_95ci[1]:.2%}); "
+                f"largest top-1 score change {found.max_top1_score_change:.4f}; every flip had "
+                f"fp32's top two classes within {found.largest_flipped_margin:.4f}"
             )
         return 0
     if args.command == "bench":
@@ -252,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seconds=args.seconds,
             out=args.out,
             precision=args.precision,
+            compile=args.compile,
             api_key=args.api_key,
         )
         print(bench.format_result(result))

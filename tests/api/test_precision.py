@@ -45,9 +45,12 @@ def test_agreement_tool_reports_top1_agreement(capsys: pytest.CaptureFixture[str
     )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["images"] == 88 and result["precision"] == "bf16"
+    assert result["images"] == 448 and result["precision"] == "bf16"
     assert 0.9 <= result["top1_agreement"] <= 1.0
+    low, high = result["top1_agreement_95ci"]
+    assert low < result["top1_agreement"] <= high <= 1.0
     assert 0.0 <= result["max_top1_score_change"] < 0.5
+    assert 0.0 <= result["largest_flipped_margin"] < 1.0
 
 
 @pytest.mark.cuda
