@@ -7,9 +7,9 @@
   proven twice before the rewrite is kept: hooks on a probe forward pass check that each
   BatchNorm reads exactly its convolution's output, and the rewritten model must give the
   original's logits on that probe. Anything unproven is left as it was.
-* ``compile_buckets``: the batch sizes a ``torch.compile``-d model is specialised for. A batch
-  is padded up to the next bucket, and every bucket is compiled during warm-up, so no request
-  ever pays for a compilation.
+* ``compile_buckets`` and ``batch_plans``: the batch sizes a ``torch.compile``-d model is
+  compiled for, all during warm-up so that no request ever pays for a compilation, and how each
+  batch size runs as them (padded up, or split), chosen from each size's measured cost.
 """
 
 from __future__ import annotations
@@ -146,11 +146,33 @@ def fold_batchnorm(module: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, i
 
 
 def compile_buckets(max_batch_size: int) -> tuple[int, ...]:
-    """Powers of two below ``max_batch_size``, and ``max_batch_size``: a batch of n runs padded
-    to the smallest bucket >= n, so it does at most twice the work it needs."""
+    """Powers of two below ``max_batch_size``, and ``max_batch_size``: few enough to compile
+    at start-up, and any batch size is a sum of them (see ``batch_plans``)."""
     buckets = []
     size = 1
     while size < max_batch_size:
         buckets.append(size)
         size *= 2
     return (*buckets, max_batch_size)
+
+
+def batch_plans(costs: dict[int, float], largest: int) -> dict[int, tuple[int, ...]]:
+    """For each batch size 1..``largest``, the compiled sizes to run it as, cheapest first by
+    the measured ``costs`` (seconds per forward pass of each compiled size).
+
+    A batch of n can be padded up to one compiled size or split across several (each part
+    padded up to its size); which is cheaper depends on the device: on a CPU a forward pass
+    costs about its batch size, so 9 images run as 8 + 1 rather than padded to 16, while on a
+    GPU a pass of 16 costs little more than a pass of 1, so they run padded to 16.
+    """
+    if not costs:
+        raise ValueError("no compiled sizes")
+    best: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
+    for n in range(1, largest + 1):
+        best.append(
+            min(
+                (costs[size] + best[max(0, n - size)][0], (size, *best[max(0, n - size)][1]))
+                for size in costs
+            )
+        )
+    return {n: tuple(sorted(best[n][1], reverse=True)) for n in range(1, largest + 1)}

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from app.keymaps import KEY_MAPS
-from app.optimize import compile_buckets, fold_batchnorm
+from app.optimize import batch_plans, compile_buckets, fold_batchnorm
 from app.repository import ModelConfigError, ModelSpec, Precision
 
 logger = logging.getLogger("evalserve.runtime")
@@ -200,8 +200,10 @@ class Classifier:
         self.precision: Precision = precision or spec.config.model.precision
         self.dtype = _compute_dtype(spec, device, self.precision)
         self.compiled = spec.config.model.compile if compile is None else compile
-        # Batch sizes the compiled model is specialised for, set by warm_up (see predict).
+        # Batch sizes the compiled model is specialised for, and how each batch size runs as
+        # them (app/optimize.py: batch_plans); both set by warm_up.
         self.buckets: tuple[int, ...] = ()
+        self._plans: dict[int, tuple[int, ...]] = {}
         self.folded_batchnorms = 0
         self._torch_threads = torch_threads
         self._worker_ident: int | None = None
@@ -286,18 +288,30 @@ class Classifier:
         channels, height, width = self.spec.input_size
         blank = np.zeros((height, width, channels), dtype=np.uint8)
         sizes = compile_buckets(batch_size) if self.compiled else (batch_size,)
+        costs: dict[int, float] = {}
         try:
             for size in sizes:
                 began = time.perf_counter()
                 self.executor.submit(self.predict, [(blank, 1)] * size).result()
-                if self.compiled:
-                    logger.info(
-                        "model %s: compiled for batches of %d in %.1f s",
-                        self.spec.name,
-                        size,
-                        time.perf_counter() - began,
-                    )
-            self.buckets = sizes if self.compiled else ()
+                if not self.compiled:
+                    continue
+                compiled_in = time.perf_counter() - began
+                runs = []
+                for _ in range(3):
+                    began = time.perf_counter()
+                    self.executor.submit(self.predict, [(blank, 1)] * size).result()
+                    runs.append(time.perf_counter() - began)
+                costs[size] = min(runs)
+                logger.info(
+                    "model %s: compiled for batches of %d in %.1f s; a pass takes %.1f ms",
+                    self.spec.name,
+                    size,
+                    compiled_in,
+                    1000 * costs[size],
+                )
+            if self.compiled:
+                self._plans = batch_plans(costs, batch_size)
+                self.buckets = sizes
         except ModelConfigError:
             raise
         except Exception as exc:
@@ -335,37 +349,44 @@ class Classifier:
             batch[tensors] = stacked.to(self.device, dtype=torch.float32)
         return batch.contiguous(memory_format=torch.channels_last)
 
-    def _bucketed(self, batch: torch.Tensor) -> torch.Tensor:
-        """``batch`` padded with zero images up to the smallest compiled bucket that holds it,
-        with the strides warm-up compiled for (a stride change would also recompile). Rows
-        never mix in an eval-mode model, so padding leaves the real images' scores unchanged."""
-        size = batch.shape[0]
-        bucket = next((b for b in self.buckets if b >= size), size)
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits of ``batch``; a compiled model runs it as its warm-up plan of compiled sizes,
+        each part padded with zero images up to its size and the padding rows dropped. Rows
+        never mix in an eval-mode model, so neither changes the real images' scores."""
+        plan = self._plans.get(batch.shape[0])
+        if plan is None:
+            return self._forward(batch)
+        parts, start = [], 0
+        for bucket in plan:
+            chunk = batch[start : start + bucket]
+            start += chunk.shape[0]
+            parts.append(self._forward(self._padded(chunk, bucket))[: chunk.shape[0]])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @staticmethod
+    def _padded(batch: torch.Tensor, bucket: int) -> torch.Tensor:
+        """``batch`` padded with zero images up to ``bucket`` rows, with the strides warm-up
+        compiled for (different strides would also recompile)."""
         staged = torch.empty(
             (bucket, *batch.shape[1:]),
             dtype=batch.dtype,
             device=batch.device,
             memory_format=torch.channels_last,
         )
-        if bucket == size and batch.stride() == staged.stride():
+        if batch.shape[0] == bucket and batch.stride() == staged.stride():
             return batch
-        staged[:size] = batch
-        staged[size:] = 0
+        staged[: batch.shape[0]] = batch
+        staged[batch.shape[0] :] = 0
         return staged
 
     def predict(self, requests: Sequence[Request]) -> list[TopK]:
         """Top-k classes of a batch. Runs in the worker thread (``self.executor``)."""
         with torch.inference_mode():
             batch = self._input_batch([array for array, _ in requests])
-            size = len(requests)
-            if self.buckets:
-                batch = self._bucketed(batch)
             with torch.autocast(
                 self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
             ):
-                logits = self._forward(batch)
-            if logits.shape[0] > size:  # only a padded batch: its padding rows are dropped
-                logits = logits[:size]
+                logits = self._run(batch)
             if logits.ndim != 2 or logits.shape != (len(requests), len(self.spec.labels)):
                 raise ModelConfigError(
                     self.spec.name,

@@ -1,5 +1,5 @@
-"""``compile``: a torch.compile-d model answers as the eager one, pads batches up to its compiled
-sizes, and never compiles while serving."""
+"""``compile``: a torch.compile-d model answers as the eager one, runs every batch size as
+compiled sizes (padded or split), and never compiles while serving."""
 
 from __future__ import annotations
 
@@ -7,11 +7,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import torch._dynamo.utils
 from fastapi.testclient import TestClient
+from PIL import Image
 from support import MODELS, make_settings
 
 from app.main import create_app
+from app.optimize import batch_plans
+from app.repository import discover
+from app.runtime import Classifier
 
 
 def digits_only(tmp_path: Path) -> Path:
@@ -40,7 +46,7 @@ def serve_digits(repo: Path, images: list[Path], compile: bool) -> tuple[dict, l
             assert response.status_code == 200, response.text
             answers += response.json()["predictions"]
             assert batcher.stats.largest_batch == count  # one batch per request
-        # Every batch size, 3 included (padded to 4), ran on a graph compiled at warm-up.
+        # Every batch size, 3 included (padded to 4 or split), ran on graphs compiled at warm-up.
         assert compiled_graphs() == graphs
     return info, answers
 
@@ -73,3 +79,36 @@ def test_compile_in_model_toml_is_overridden_by_the_setting(tmp_path: Path) -> N
     settings = make_settings(model_repository=repo, default_model="digits", max_batch_size=2)
     with TestClient(create_app(settings)) as client:
         assert client.get("/v1/models/digits").json()["compiled_batch_sizes"] == [1, 2]
+
+
+def test_padded_and_split_plans_give_the_eager_scores(digits_test_split: Path) -> None:
+    spec = discover(MODELS)["digits"]
+    images = [
+        np.asarray(Image.open(p))[:, :, None] for p in sorted(digits_test_split.glob("*/*.png"))
+    ][:: 360 // 4][:4]
+    eager = Classifier(spec, torch.device("cpu"), None, compile=False)
+    compiled = Classifier(spec, torch.device("cpu"), None, compile=True)
+    try:
+        compiled.warm_up(4)
+        graphs = compiled_graphs()
+        expected = [
+            eager.executor.submit(eager.predict, [(i, 3) for i in images[:n]]).result()
+            for n in (1, 2, 3, 4)
+        ]
+        # Costs that make every batch split into ones, then every batch padded up to 4.
+        for costs, three in (
+            ({1: 1.0, 2: 9.0, 4: 9.0}, (1, 1, 1)),
+            ({1: 9.0, 2: 9.0, 4: 1.0}, (4,)),
+        ):
+            compiled._plans = batch_plans(costs, 4)  # as warm_up would have measured them
+            assert compiled._plans[3] == three
+            for n, want in zip((1, 2, 3, 4), expected, strict=True):
+                got = compiled.executor.submit(
+                    compiled.predict, [(i, 3) for i in images[:n]]
+                ).result()
+                assert [g[1] for g in got] == [w[1] for w in want]
+                assert np.allclose([g[0] for g in got], [w[0] for w in want], atol=1e-5)
+        assert compiled_graphs() == graphs
+    finally:
+        eager.close()
+        compiled.close()

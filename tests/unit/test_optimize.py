@@ -13,7 +13,7 @@ from PIL import Image
 from support import MODELS, PHOTOS, photo
 from torch import nn
 
-from app.optimize import compile_buckets, fold_batchnorm
+from app.optimize import batch_plans, compile_buckets, fold_batchnorm
 from app.preprocessing import ImageTransform
 from app.repository import discover
 from app.runtime import build_module
@@ -142,3 +142,30 @@ def test_compile_buckets_are_powers_of_two_and_the_largest_batch(
     largest: int, buckets: tuple[int, ...]
 ) -> None:
     assert compile_buckets(largest) == buckets
+
+
+def plan_cost(plan: tuple[int, ...], costs: dict[int, float]) -> float:
+    return sum(costs[size] for size in plan)
+
+
+@pytest.mark.parametrize(
+    ("costs", "nine"),
+    [
+        # CPU-like (measured shape): a pass costs about its batch size.
+        ({1: 20.0, 2: 32.0, 4: 56.0, 8: 104.0, 16: 198.0}, (8, 1)),
+        # GPU-like: a pass of 16 costs little more than a pass of 1.
+        ({1: 5.0, 2: 5.1, 4: 5.2, 8: 5.5, 16: 6.0}, (16,)),
+    ],
+)
+def test_batch_plans_cover_each_size_at_the_least_cost(
+    costs: dict[int, float], nine: tuple[int, ...]
+) -> None:
+    plans = batch_plans(costs, 16)
+    assert sorted(plans) == list(range(1, 17)) and plans[9] == nine
+    for n, plan in plans.items():
+        assert sum(plan) >= n and set(plan) <= set(costs)
+        # No cheaper single padded pass, and no cheaper split into two plans.
+        assert plan_cost(plan, costs) <= min(c for size, c in costs.items() if size >= n)
+        for first in range(1, n):
+            split = plans[first] + plans[n - first]
+            assert plan_cost(plan, costs) <= plan_cost(split, costs) + 1e-9
