@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -292,39 +292,58 @@ class Classifier:
 
     def warm_up(self, batch_size: int) -> None:
         """One forward pass at ``batch_size`` in the worker thread, checking the output shape;
-        a compiled model is compiled here for every bucket up to ``batch_size``, so serving
-        never compiles."""
+        a compiled model is compiled here for every size of ``compile_buckets(batch_size)``,
+        and each size's pass is timed to plan how every batch size runs (``batch_plans``), so
+        serving never compiles."""
         channels, height, width = self.spec.input_size
         blank = np.zeros((height, width, channels), dtype=np.uint8)
-        sizes = compile_buckets(batch_size) if self.compiled else (batch_size,)
-        costs: dict[int, float] = {}
+
+        def forward(size: int) -> float:
+            began = time.perf_counter()
+            self.executor.submit(self.predict, [(blank, 1)] * size).result()
+            return time.perf_counter() - began
+
         try:
-            for size in sizes:
-                began = time.perf_counter()
-                self.executor.submit(self.predict, [(blank, 1)] * size).result()
-                if not self.compiled:
-                    continue
-                compiled_in = time.perf_counter() - began
-                runs = []
-                for _ in range(3):
-                    began = time.perf_counter()
-                    self.executor.submit(self.predict, [(blank, 1)] * size).result()
-                    runs.append(time.perf_counter() - began)
-                costs[size] = min(runs)
-                logger.info(
-                    "model %s: compiled for batches of %d in %.1f s; a pass takes %.1f ms",
-                    self.spec.name,
-                    size,
-                    compiled_in,
-                    1000 * costs[size],
-                )
-            if self.compiled:
-                self._plans = batch_plans(costs, batch_size)
-                self.buckets = sizes
+            if not self.compiled:
+                forward(batch_size)
+                return
+            sizes = compile_buckets(batch_size)
+            self._compile(sizes, forward)
+            # Timed once nothing is compiling any more; the best of three passes.
+            costs = {size: min(forward(size) for _ in range(3)) for size in sizes}
         except ModelConfigError:
             raise
         except Exception as exc:
             raise ModelConfigError(self.spec.name, f"warm-up forward pass failed: {exc}") from exc
+        self._plans = batch_plans(costs, batch_size)
+        self.buckets = sizes
+        logger.info(
+            "model %s: a pass takes %s; batches run as %s",
+            self.spec.name,
+            ", ".join(f"{1000 * cost:.0f} ms at {size}" for size, cost in costs.items()),
+            ", ".join(f"{n}: {'+'.join(map(str, plan))}" for n, plan in self._plans.items()),
+        )
+
+    def _compile(self, sizes: tuple[int, ...], forward: Callable[[int], float]) -> None:
+        """Compile a graph for each of ``sizes``, refusing a silent fall back to eager."""
+        from torch._dynamo import config as dynamo_config
+        from torch._dynamo.utils import counters
+
+        # dynamo keeps at most recompile_limit graphs per code object, shared by every model of
+        # the same class, and past it runs eagerly (with a warning): make room for these sizes.
+        dynamo_config.recompile_limit += len(sizes)
+        for size in sizes:
+            graphs = counters["stats"]["unique_graphs"]
+            seconds = forward(size)
+            if counters["stats"]["unique_graphs"] == graphs:
+                raise ModelConfigError(
+                    self.spec.name,
+                    f"torch.compile made no graph for batches of {size} (see the log); "
+                    "set compile = false",
+                )
+            logger.info(
+                "model %s: compiled for batches of %d in %.1f s", self.spec.name, size, seconds
+            )
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits of a normalised batch. Call only from the worker, under inference mode."""

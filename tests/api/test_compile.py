@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch._dynamo.utils
 from fastapi.testclient import TestClient
@@ -16,7 +17,7 @@ from support import MODELS, make_settings
 
 from app.main import create_app
 from app.optimize import batch_plans
-from app.repository import discover
+from app.repository import ModelConfigError, discover
 from app.runtime import Classifier
 
 
@@ -112,3 +113,33 @@ def test_padded_and_split_plans_give_the_eager_scores(digits_test_split: Path) -
     finally:
         eager.close()
         compiled.close()
+
+
+def test_compiling_makes_room_for_its_sizes_and_refuses_a_fall_back_to_eager(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch._dynamo import config as dynamo_config
+
+    # dynamo keeps at most recompile_limit graphs per code object, and every model of one class
+    # shares its forward's: past the limit dynamo runs eagerly with only a warning (measured: a
+    # second EfficientNet-Lite0 compiled in one process lost its sizes 8 and 16 that way).
+    # Each compiled model raises the limit by its own number of sizes.
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 1)
+    spec = discover(MODELS)["digits"]
+    classifier = Classifier(spec, torch.device("cpu"), None, compile=True)
+
+    def forward(size: int) -> float:
+        blank = np.zeros((8, 8, 1), np.uint8)
+        classifier.executor.submit(classifier.predict, [(blank, 1)] * size).result()
+        return 0.0
+
+    try:
+        classifier.warm_up(4)
+        assert classifier.buckets == (1, 2, 4)
+        assert dynamo_config.recompile_limit == 1 + 3
+        # A size whose pass makes no new graph (here: one compiled already) is refused rather
+        # than served eagerly in silence.
+        with pytest.raises(ModelConfigError, match="made no graph for batches of 2"):
+            classifier._compile((2,), forward)
+    finally:
+        classifier.close()
