@@ -7,6 +7,7 @@ arrays that cross into the batcher stay small (uint8) and torch-free.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,10 +48,17 @@ class ImageTooLarge(ImageError):
     """More pixels than the server accepts (a decompression bomb, or just too big)."""
 
 
-def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
+def decode(
+    data: bytes,
+    name: str,
+    max_pixels: int,
+    draft: Callable[[tuple[int, int]], tuple[int, int] | None] | None = None,
+) -> Image.Image:
     """Decode one upload to a fully loaded, upright RGB or L image.
 
-    The pixel limit is checked from the header, before any pixel data is decoded.
+    The pixel limit is checked from the header, before any pixel data is decoded. ``draft``,
+    given the stored size, may name the smallest size a JPEG needs to decode at; libjpeg then
+    decodes it directly at 1/2, 1/4 or 1/8 scale where that still covers it.
     """
     if not data:
         raise BadImage(name, "the file is empty")
@@ -72,6 +80,10 @@ def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
             name, f"{width}x{height} is {width * height} pixels, the limit is {max_pixels}"
         )
     try:
+        if draft is not None and image.format == "JPEG":
+            needed = draft(image.size)
+            if needed is not None:
+                image.draft(image.mode, needed)
         image.load()  # GIF and multi-page TIFF: the first frame
         image = ImageOps.exif_transpose(image)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -121,6 +133,7 @@ class ImageTransform:
     crop: int
     mode: str
     resample: Image.Resampling
+    jpeg_draft: bool = False
 
     @classmethod
     def from_spec(cls, spec: PreprocessingSection) -> ImageTransform:
@@ -129,16 +142,35 @@ class ImageTransform:
             crop=spec.crop,
             mode=spec.color_mode,
             resample=_RESAMPLE[spec.interpolation],
+            jpeg_draft=spec.jpeg_draft,
         )
+
+    def _resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) after resizing the shorter side to ``resize``."""
+        assert self.resize is not None
+        width, height = size
+        short, long = min(width, height), max(width, height)
+        new_short, new_long = self.resize, int(self.resize * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+
+    def draft_size(self, size: tuple[int, int]) -> tuple[int, int] | None:
+        """The smallest size a JPEG of ``size`` may decode at (twice its resize target, so the
+        resize still averages over at least two source pixels), or None when this transform
+        does not draft. A photo under four times the target decodes exactly as without it.
+
+        Measured on the agreement set scaled up to 3000-4000 pixels as JPEGs: decode and
+        resize 11.9 ms instead of 58.7, and the same top-1 class as a full decode for 421 of
+        448 images (the resize target itself, 1/8 scale here, agreed on only 407)."""
+        if not self.jpeg_draft or self.resize is None:
+            return None
+        width, height = self._resized_size(size)
+        return (2 * width, 2 * height)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """uint8 array of shape (crop, crop, channels)."""
         image = _to_mode(image, self.mode)
         if self.resize is not None:
-            width, height = image.size
-            short, long = min(width, height), max(width, height)
-            new_short, new_long = self.resize, int(self.resize * long / short)
-            size = (new_short, new_long) if width <= height else (new_long, new_short)
+            size = self._resized_size(image.size)
             if size[0] * size[1] > RESIZED_PIXEL_BUDGET and min(size) >= self.crop:
                 # An extreme aspect ratio (a 20000x1 strip resized to a 256 short side is 1.3
                 # gigapixels): resample only the source region that lands in the crop.
@@ -171,7 +203,7 @@ def _as_array(image: Image.Image) -> np.ndarray:
 def load_image(data: bytes, name: str, max_pixels: int, transform: ImageTransform) -> np.ndarray:
     """Decode, check and transform one upload."""
     try:
-        return transform(decode(data, name, max_pixels))
+        return transform(decode(data, name, max_pixels, transform.draft_size))
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow decodes some formats lazily, on first pixel access during the transform.
         raise BadImage(name, f"the image data is truncated or corrupt ({exc})") from exc

@@ -311,6 +311,57 @@ def test_load_image_is_decode_then_transform():
     assert np.array_equal(out, reference(photo("rocket.jpg")))
 
 
+def phone_jpeg(orientation: int | None = None) -> tuple[bytes, Image.Image]:
+    """A 4000x3000 JPEG (the cat, scaled up), and the image it decodes to in full."""
+    big = photo("chelsea.jpg").convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC)
+    params: dict = {"quality": 90}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        params["exif"] = exif
+    data = encode(big, "JPEG", **params)
+    return data, decode(data, "phone.jpg", MAX_PIXELS)
+
+
+def test_jpeg_draft_decodes_a_large_photo_at_a_quarter_scale_close_to_the_full_decode():
+    data, full = phone_jpeg()
+    drafting = ImageTransform.from_spec(spec(jpeg_draft=True))
+    # Twice the 341x256 resize target is 682x512: 1/4 scale (1000x750) is the smallest above it.
+    assert drafting.draft_size(full.size) == (682, 512)
+    drafted = decode(data, "phone.jpg", MAX_PIXELS, drafting.draft_size)
+    assert drafted.size == (1000, 750)
+    out = drafting(drafted)
+    exact = imagenet_transform()(full)
+    assert out.shape == exact.shape == (224, 224, 3)
+    assert not np.array_equal(out, exact)  # a different input, as documented...
+    assert np.abs(out.astype(int) - exact).mean() < 2.0  # ...but close to it
+    # load_image drafts when the model's preprocessing says so, and only then.
+    assert np.array_equal(load_image(data, "phone.jpg", MAX_PIXELS, drafting), out)
+    assert np.array_equal(load_image(data, "phone.jpg", MAX_PIXELS, imagenet_transform()), exact)
+
+
+def test_jpeg_draft_follows_exif_orientation():
+    data, full = phone_jpeg(orientation=6)
+    assert full.size == (3000, 4000)
+    drafting = ImageTransform.from_spec(spec(jpeg_draft=True))
+    drafted = decode(data, "phone.jpg", MAX_PIXELS, drafting.draft_size)
+    assert drafted.size == (750, 1000)
+    out, exact = drafting(drafted), imagenet_transform()(full)
+    assert np.abs(out.astype(int) - exact).mean() < 2.0
+
+
+def test_jpeg_draft_leaves_small_photos_and_other_formats_exact():
+    drafting = ImageTransform.from_spec(spec(jpeg_draft=True))
+    # Under four times the resize target nothing is drafted: the fixtures decode exactly.
+    data = (FIXTURES / "rocket.jpg").read_bytes()
+    assert np.array_equal(
+        load_image(data, "rocket.jpg", MAX_PIXELS, drafting), reference(photo("rocket.jpg"))
+    )
+    # Only JPEG has DCT scaling: a large PNG decodes in full.
+    png = encode(photo("chelsea.jpg").convert("RGB").resize((2000, 1500)), "PNG")
+    assert decode(png, "big.png", MAX_PIXELS, drafting.draft_size).size == (2000, 1500)
+
+
 # --- refusals ---------------------------------------------------------------------------------
 
 
