@@ -12,7 +12,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 # Debian packages the tests use: docker-compose 1.29 validates the compose files offline;
 # Chromium runs the web page's tests (Playwright drives it; browser downloads are impossible).
-APT_PACKAGES := docker-compose chromium
+APT_PACKAGES := docker-compose chromium g++
 
 .PHONY: serve test lint install test-tools
 
@@ -27,7 +27,7 @@ install: $(STAMP)
 
 # Only the tests need these (as root, which the CI and dev machines are).
 test-tools:
-	command -v docker-compose >/dev/null && command -v chromium >/dev/null || \
+	command -v docker-compose >/dev/null && command -v chromium >/dev/null && command -v g++ >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
 
 serve: $(STAMP)
