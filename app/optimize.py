@@ -65,9 +65,9 @@ def _remainder(bn: nn.Module) -> nn.Module | None:
 
 def _proven(
     module: nn.Module, pairs: list[tuple[nn.Module, nn.Conv2d, str]], probe: torch.Tensor
-) -> list[tuple[nn.Module, nn.Conv2d, str]]:
+) -> tuple[list[tuple[nn.Module, nn.Conv2d, str]], torch.Tensor]:
     """The pairs where, on a probe forward pass, every call of the BatchNorm read the tensor
-    its convolution had just produced, and nothing else."""
+    its convolution had just produced, and nothing else; and that pass's output."""
     outputs: dict[int, list[torch.Tensor]] = {id(conv): [] for _, conv, _ in pairs}
     inputs: dict[int, list[torch.Tensor]] = {
         id(getattr(parent, name)): [] for parent, _, name in pairs
@@ -84,7 +84,7 @@ def _proven(
         handles.append(conv.register_forward_hook(conv_hook))
         handles.append(getattr(parent, name).register_forward_pre_hook(bn_hook))
     try:
-        module(probe)
+        output = module(probe)
     finally:
         for handle in handles:
             handle.remove()
@@ -93,7 +93,7 @@ def _proven(
         made, read = outputs[id(conv)], inputs[id(getattr(parent, name))]
         if made and len(made) == len(read) and all(a is b for a, b in zip(made, read, strict=True)):
             proven.append((parent, conv, name))
-    return proven
+    return proven, output
 
 
 def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -125,7 +125,8 @@ def fold_batchnorm(module: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, i
     # tensors, unusable by the model outside it.
     with torch.no_grad():
         folded = copy.deepcopy(module)
-        pairs = _proven(folded, _candidate_pairs(folded), probe)
+        # The copy's pass before folding is the original's: it is the reference.
+        pairs, expected = _proven(folded, _candidate_pairs(folded), probe)
         if not pairs:
             return module, 0
         for parent, conv, name in pairs:
@@ -134,7 +135,7 @@ def fold_batchnorm(module: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, i
             assert remainder is not None
             _fold_into(conv, bn)
             setattr(parent, name, remainder.eval())
-        expected, got = module(probe).float(), folded(probe).float()
+        expected, got = expected.float(), folded(probe).float()
     error = (expected - got).abs().max().item()
     scale = max(expected.abs().max().item(), 1.0)
     if not error <= FOLD_TOLERANCE * scale:

@@ -395,14 +395,16 @@ class Classifier:
     def _padded(batch: torch.Tensor, bucket: int) -> torch.Tensor:
         """``batch`` padded with zero images up to ``bucket`` rows, with the strides warm-up
         compiled for (different strides would also recompile)."""
+        _, channels, height, width = batch.shape
+        channels_last = (channels * height * width, 1, width * channels, channels)
+        if batch.shape[0] == bucket and batch.stride() == channels_last:
+            return batch  # the common case: no copy, no allocation
         staged = torch.empty(
-            (bucket, *batch.shape[1:]),
+            (bucket, channels, height, width),
             dtype=batch.dtype,
             device=batch.device,
             memory_format=torch.channels_last,
         )
-        if batch.shape[0] == bucket and batch.stride() == staged.stride():
-            return batch
         staged[: batch.shape[0]] = batch
         staged[batch.shape[0] :] = 0
         return staged

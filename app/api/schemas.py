@@ -88,8 +88,8 @@ class ModelInfo(BaseModel):
     device: str
     dtype: str
     compiled_batch_sizes: list[int] = Field(
-        description="Batch sizes torch.compile specialised the model for (a batch is padded up "
-        "to the next one); empty when the model runs eagerly."
+        description="Batch sizes torch.compile specialised the model for (a batch runs as the "
+        "cheapest mix of them, padded or split); empty when the model runs eagerly."
     )
     batching: BatchingInfo
     preprocessing: PreprocessingInfo
