@@ -362,6 +362,13 @@ def test_jpeg_draft_leaves_small_photos_and_other_formats_exact():
     assert decode(png, "big.png", MAX_PIXELS, drafting.draft_size).size == (2000, 1500)
 
 
+def test_jpeg_draft_of_a_truncated_photo_is_still_a_bad_image():
+    data, _ = phone_jpeg()
+    drafting = ImageTransform.from_spec(spec(jpeg_draft=True))
+    with pytest.raises(BadImage, match=r"phone\.jpg"):
+        load_image(data[: len(data) // 2], "phone.jpg", MAX_PIXELS, drafting)
+
+
 # --- refusals ---------------------------------------------------------------------------------
 
 
