@@ -65,7 +65,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 # Bake check, as the user the server runs as: read every model of the repository, load its
 # weights and run one forward pass on the CPU, so a broken image fails the build, not the start.
-RUN ["python", "-c", "import torch; from app.config import Settings; from app.repository import discover; from app.runtime import Classifier; settings = Settings(device='cpu'); specs = discover(settings.model_repository); assert settings.default_model in specs, f'default model {settings.default_model} missing from {sorted(specs)}'; classifiers = [Classifier(spec, torch.device('cpu'), None) for spec in specs.values()]; [c.warm_up(1) for c in classifiers]; [c.close() for c in classifiers]; print('models load and run:', ', '.join(specs))"]
+RUN ["python", "-c", "import torch; from app.config import Settings; from app.model.repository import discover; from app.model.runtime import Classifier; settings = Settings(device='cpu'); specs = discover(settings.model_repository); assert settings.default_model in specs, f'default model {settings.default_model} missing from {sorted(specs)}'; classifiers = [Classifier(spec, torch.device('cpu'), None) for spec in specs.values()]; [c.warm_up(1) for c in classifiers]; [c.close() for c in classifiers]; print('models load and run:', ', '.join(specs))"]
 EXPOSE 8000
 STOPSIGNAL SIGTERM
 # Ready = every model loaded and warmed, and not draining. The probe is the image's own Python

@@ -1,6 +1,6 @@
 """``python -m app`` is ``evalserve``; with no command it serves."""
 
-from app.cli import main
+from app.tools.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

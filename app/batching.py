@@ -44,6 +44,10 @@ class BatchFailed(BatcherError):
     """The compute function raised on the batch this item was in (logged once, server-side)."""
 
 
+class BatcherDead(BatcherError):
+    """The batch loop itself died (a bug, logged with its traceback): nothing will be computed."""
+
+
 class BatchObserver(Protocol):
     """Told about every batch, e.g. to record metrics. Called on the event loop: keep it cheap."""
 
@@ -113,6 +117,7 @@ class Batcher(Generic[T, R]):
         name: str = "batcher",
         observer: BatchObserver | None = None,
         close_when_idle: bool = False,
+        on_death: Callable[[BaseException], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
@@ -124,6 +129,9 @@ class Batcher(Generic[T, R]):
         self.name = name
         self.stats = BatchStats()
         self._observer = observer
+        # Told once if the batch loop dies: the owner turns not-ready and stops the process.
+        self._on_death = on_death
+        self.death: BaseException | None = None
         # With close_when_idle, a batch waits out the delay only while arrivals are announced.
         self._close_when_idle = close_when_idle
         # A deque we own rather than asyncio.Queue: waiting is on an Event, so a timed-out wait
@@ -134,6 +142,7 @@ class Batcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._in_flight = 0
         self._expected = 0
+        self._computing: list[_Item[T, R]] = []
 
     @property
     def depth(self) -> int:
@@ -144,6 +153,17 @@ class Batcher(Generic[T, R]):
     def in_flight(self) -> int:
         """Items in the batch being computed now."""
         return self._in_flight
+
+    @property
+    def alive(self) -> bool:
+        """Started and its loop has not died (stopping cleanly still counts as alive)."""
+        return self._task is not None and self.death is None
+
+    def check_fits(self, count: int) -> None:
+        """Raise ``TooManyItems`` when ``count`` items could never be queued together: the one
+        place this limit is checked, so callers may check before they decode anything."""
+        if count > self.max_queue_size:
+            raise TooManyItems(f"{count} items, the queue holds at most {self.max_queue_size}")
 
     def announce(self, count: int) -> Arrival:
         """Say that ``count`` items will be submitted soon; pass the result to ``submit``."""
@@ -178,8 +198,9 @@ class Batcher(Generic[T, R]):
         if arrival is not None:
             arrival.cancel()  # in the same step as the enqueue below: no batch sees neither
         count = len(payloads)
-        if count > self.max_queue_size:
-            raise TooManyItems(f"{count} items, the queue holds at most {self.max_queue_size}")
+        self.check_fits(count)
+        if self.death is not None:
+            raise BatcherDead(f"{self.name} stopped computing: its batch loop died")
         if self._closing or self._task is None:
             raise BatcherClosed(f"{self.name} is not accepting work")
         if self.max_queue_size - len(self._items) < count:
@@ -245,12 +266,43 @@ class Batcher(Generic[T, R]):
         return batch
 
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        except Exception as exc:  # a bug in the loop itself: never die silently
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        """Record the loop's death, log it with its traceback, fail every item it still held
+        (so no caller waits out its timeout), and tell the owner."""
+        self.death = exc
+        logger.critical("%s: the batch loop died; no more batches", self.name, exc_info=exc)
+        error = BatcherDead(f"{self.name} stopped computing: its batch loop died")
+        for item in [*self._computing, *self._items]:
+            if not item.future.done():
+                item.future.set_exception(error)
+        self._items.clear()
+        self._computing = []
+        self._in_flight = 0
+        if self._on_death is not None:
+            self._on_death(exc)
+
+    def _notify(self, event: str, *args: Any) -> None:
+        """Tell the observer, if any; its failure is logged and never stops a batch's answers."""
+        if self._observer is None:
+            return
+        try:
+            getattr(self._observer, event)(*args)
+        except Exception:
+            logger.exception("%s: the batch observer failed on %s", self.name, event)
+
+    async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while (batch := await self._collect()) is not None:
             # Items whose caller gave up while the batch gathered are not computed.
             live = [item for item in batch if not item.future.done()]
             if not live:
                 continue
+            self._computing = live
             self._in_flight = len(live)
             started = loop.time()
             try:
@@ -259,23 +311,21 @@ class Batcher(Generic[T, R]):
                 )
                 pairs = list(zip(live, outputs, strict=True))
             except Exception as exc:
-                self._in_flight = 0
+                self._computing, self._in_flight = [], 0
                 self.stats.failed_batches += 1
-                if self._observer is not None:
-                    self._observer.batch_failed(len(live))
                 logger.exception("%s: a batch of %d items failed", self.name, len(live))
                 for item in live:
                     if not item.future.done():
                         item.future.set_exception(BatchFailed(f"batch failed: {exc!r}"))
+                self._notify("batch_failed", len(live))
                 continue
-            self._in_flight = 0
-            if self._observer is not None:
-                self._observer.batch_done(
-                    [started - item.enqueued_at for item in live], loop.time() - started
-                )
+            self._computing, self._in_flight = [], 0
             self.stats.batches += 1
             self.stats.items += len(live)
             self.stats.largest_batch = max(self.stats.largest_batch, len(live))
             for item, output in pairs:
                 if not item.future.done():
                     item.future.set_result(output)
+            self._notify(
+                "batch_done", [started - item.enqueued_at for item in live], loop.time() - started
+            )

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+PREFIX = "EVALSERVE_"
+
+
+class UnknownSetting(Exception):
+    """An ``EVALSERVE_*`` environment variable that names no setting (a typo, most likely)."""
+
 
 class Settings(BaseSettings):
-    """evalserve's configuration, passed explicitly to ``create_app(settings)``."""
+    """evalserve's configuration, passed explicitly to ``create_app(settings)``.
 
-    model_config = SettingsConfigDict(env_prefix="EVALSERVE_", extra="forbid")
+    Building one refuses an ``EVALSERVE_*`` environment variable that names no setting, rather
+    than ignoring it: a misspelt limit silently left at its default is worse than no start."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="forbid")
+
+    def __init__(self, **values: Any) -> None:
+        check_environment(os.environ)
+        super().__init__(**values)
 
     model_repository: Path = Field(
         default=Path("models"),
@@ -124,3 +140,23 @@ class Settings(BaseSettings):
         if self.api_keys is None:
             return []
         return [key.strip() for key in self.api_keys.get_secret_value().split(",") if key.strip()]
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Raise ``UnknownSetting`` naming every ``EVALSERVE_*`` variable of ``environ`` that is
+    not a setting, with the closest known name."""
+    known = {f"{PREFIX}{name.upper()}" for name in Settings.model_fields}
+    problems = []
+    for variable in sorted(environ):
+        name = variable.upper()  # pydantic-settings reads them case-insensitively
+        if name.startswith(PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"{variable}{hint}")
+    if problems:
+        raise UnknownSetting(
+            "unknown environment variable"
+            + ("s " if len(problems) > 1 else " ")
+            + "; ".join(problems)
+            + ": every EVALSERVE_* variable must name a setting (see the README's Configuration)"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,13 +11,14 @@ from functools import partial
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import health, models, predict, ui, v2
+from app.api import docs, health, models, predict, ui, v2
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestMiddleware
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.serving import open_serving
+from app.state import Serving
 
 logger = logging.getLogger("evalserve")
 
@@ -27,14 +29,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     lifecycle = Lifecycle()
 
+    def batch_loop_died(model: str, exc: BaseException) -> None:
+        lifecycle.fail(f"model {model}: its batch loop died ({exc!r})")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_serving(settings, observer=metrics.observer) as serving:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                serving = await stack.enter_async_context(
+                    open_serving(settings, observer=metrics.observer, on_death=batch_loop_died)
+                )
+            except Exception as exc:
+                # One line naming the model and the cause; the traceback only at debug level
+                # (app.server keeps uvicorn from printing it again).
+                logger.error("cannot start: %s", exc)
+                logger.debug("start-up failed", exc_info=True)
+                raise
             for model in serving.models.values():
                 metrics.watch_model(
                     model.name,
                     depth=partial(getattr, model.batcher, "depth"),
-                    ready=lambda: serving.ready and not lifecycle.draining,
+                    ready=partial(_model_ready, serving, model.name, lifecycle),
                 )
             app.state.serving = serving
             logger.info("evalserve ready: %s", ", ".join(serving.models))
@@ -51,6 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Inference REST microservice for PyTorch image classifiers.",
         lifespan=lifespan,
+        # Served from the package (app.api.docs), so they work without internet access.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.serving = None
@@ -70,6 +88,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.metrics_router)
     app.include_router(v2.open_router)
     app.include_router(v2.router)
+    docs.install(app)
     if settings.ui:
         ui.install(app)
     return app
+
+
+def _model_ready(serving: Serving, name: str, lifecycle: Lifecycle) -> bool:
+    """The evalserve_model_ready gauge: loaded and warm, its batch loop alive, not draining."""
+    return serving.ready and not lifecycle.draining and serving.models[name].batcher.alive

@@ -9,11 +9,10 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from app.repository import PreprocessingSection
 
 # Formats a client may send. Pillow would open more (e.g. PSD, EPS); a server should not.
 # (Multi-picture JPEGs from phones open through the JPEG plugin.)
@@ -29,6 +28,21 @@ _RESAMPLE = {
 
 # Above this many pixels, a resize is not materialised whole (see ImageTransform).
 RESIZED_PIXEL_BUDGET = 16_000_000
+
+
+class PreprocessingConfig(Protocol):
+    """The [preprocessing] section of a model.toml (``app.model.repository``), as read here."""
+
+    @property
+    def resize(self) -> int | None: ...
+    @property
+    def crop(self) -> int: ...
+    @property
+    def interpolation(self) -> str: ...
+    @property
+    def color_mode(self) -> str: ...
+    @property
+    def jpeg_draft(self) -> bool: ...
 
 
 class ImageError(Exception):
@@ -136,7 +150,7 @@ class ImageTransform:
     jpeg_draft: bool = False
 
     @classmethod
-    def from_spec(cls, spec: PreprocessingSection) -> ImageTransform:
+    def from_spec(cls, spec: PreprocessingConfig) -> ImageTransform:
         return cls(
             resize=spec.resize,
             crop=spec.crop,

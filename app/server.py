@@ -4,7 +4,11 @@ On SIGTERM (or Ctrl-C) the server does not close its port at once, as plain uvic
 it drains first. Readiness turns 503 and new predict requests get 503 with Retry-After (with
 ``Connection: close``), while every request already accepted is answered; only then does uvicorn
 close the port and the lifespan stop the batchers, and the process exits 0. A second signal
-stops at once.
+stops at once. A model whose batch loop dies ends the server the same way, exiting 1.
+
+The port is bound before any model loads, so a second server on a taken port fails at once
+(exit 2), not after minutes of loading; a model that cannot load ends start-up with one line
+naming it and the cause (exit 3).
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import logging
 import math
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs
 from app.config import Settings
@@ -64,6 +70,15 @@ class DrainingServer(uvicorn.Server):
         self._lifecycle.draining = True
         self._loop.call_soon_threadsafe(self._start_drain)
 
+    def fail(self, reason: str) -> None:
+        """The lifecycle failed (a batch loop died): drain what can still be answered, then
+        stop; ``run`` exits 1 so the process manager restarts the server."""
+        if self._loop is None or self._lifecycle.draining:
+            self.should_exit = True
+            return
+        self._lifecycle.draining = True
+        self._loop.call_soon_threadsafe(self._start_drain)
+
     def _start_drain(self) -> None:
         self._drain_task = asyncio.get_running_loop().create_task(self._drain())
 
@@ -72,14 +87,58 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+class QuietStartupFailure:
+    """Around the app, for uvicorn only: when the lifespan fails, uvicorn logs the traceback
+    Starlette hands it. Our lifespan has already logged one line naming the model and the cause
+    (and the traceback at debug level), so the traceback is dropped here."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def quiet(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, quiet)
+
+
+class PortInUse(OSError):
+    """The address to serve on cannot be bound."""
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (not yet listening), or ``PortInUse`` saying why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As uvicorn does: rebinding right after a restart must not wait out TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(settings: Settings) -> int:
-    """Serve until stopped; 0 after a clean stop, 3 when start-up failed."""
+    """Serve until stopped: 0 after a clean stop, 1 after a fatal failure while serving, 2 when
+    the port cannot be bound, 3 when a model cannot load."""
     logs.configure(settings.log_level, settings.log_format)
+    try:
+        sock = bind(settings.host, settings.port)
+    except PortInUse as exc:
+        print(f"evalserve: cannot start: {exc}", file=sys.stderr)
+        return 2
     app = create_app(settings)
     config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
+        QuietStartupFailure(app),
         lifespan="on",
         log_config=None,  # logs.configure owns the handlers and the format
         access_log=False,  # our middleware writes the access log, with request ids
@@ -89,7 +148,17 @@ def run(settings: Settings) -> int:
         # After the drain nothing is in flight; this only bounds stragglers.
         timeout_graceful_shutdown=math.ceil(settings.request_timeout_s),
     )
-    server = DrainingServer(config, app.state.lifecycle, settings)
-    server.run()
-    # uvicorn returns (rather than raising) when the lifespan fails, e.g. a model that won't load.
+    lifecycle: Lifecycle = app.state.lifecycle
+    server = DrainingServer(config, lifecycle, settings)
+    lifecycle.on_failure(server.fail)
+    host, port = sock.getsockname()[:2]
+    logger.info("listening on http://%s:%d once the models are ready", host, port)
+    try:
+        server.run(sockets=[sock])
+    except SystemExit as exc:  # uvicorn's way of saying the lifespan failed
+        return exc.code if isinstance(exc.code, int) else 3
+    finally:
+        sock.close()
+    if lifecycle.failure is not None:
+        return 1
     return 0 if server.started else 3

@@ -1,7 +1,6 @@
-"""Everything a running server owns: its models, their batchers, and the decode pool.
-
-``open_serving(settings)`` loads, warms and starts every model of the repository, yields the
-state, and on exit stops taking work, finishes what was queued, and frees the threads.
+"""Opening a server's models: ``open_serving(settings)`` loads, warms and starts every model of
+the repository, yields the state (``app.state.Serving``), and on exit stops taking work,
+finishes what was queued, and frees the threads.
 """
 
 from __future__ import annotations
@@ -11,43 +10,25 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from functools import partial
 
 from app.batching import Batcher, BatchObserver
 from app.config import Settings
+from app.model.repository import ModelConfigError, ModelSpec, discover
+from app.model.runtime import Classifier, resolve_device
 from app.preprocessing import ImageTransform
-from app.repository import ModelSpec, discover
-from app.runtime import Classifier, Request, TopK, resolve_device
+from app.state import ServedModel, Serving
+from app.values import Item, TopK
 
 logger = logging.getLogger("evalserve")
 
 
-@dataclass(slots=True)
-class ServedModel:
-    spec: ModelSpec
-    classifier: Classifier
-    batcher: Batcher[Request, TopK]
-    transform: ImageTransform
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-@dataclass(slots=True)
-class Serving:
-    settings: Settings
-    models: dict[str, ServedModel]
-    decode_pool: ThreadPoolExecutor
-    ready: bool = False
-
-    @property
-    def default_model(self) -> ServedModel:
-        return self.models[self.settings.default_model]
-
-
-def _load_model(spec: ModelSpec, settings: Settings) -> Classifier:
-    device = resolve_device(settings.device)
+def load_model(spec: ModelSpec, settings: Settings) -> Classifier:
+    """``spec``'s model loaded on the configured device and warmed up (compiled, if asked)."""
+    try:
+        device = resolve_device(settings.device)
+    except RuntimeError as exc:
+        raise ModelConfigError(spec.name, str(exc)) from exc
     classifier = Classifier(
         spec, device, settings.torch_threads, settings.precision, settings.compile
     )
@@ -61,10 +42,13 @@ def _load_model(spec: ModelSpec, settings: Settings) -> Classifier:
 
 @contextlib.asynccontextmanager
 async def open_serving(
-    settings: Settings, observer: Callable[[str], BatchObserver] | None = None
+    settings: Settings,
+    observer: Callable[[str], BatchObserver] | None = None,
+    on_death: Callable[[str, BaseException], None] | None = None,
 ) -> AsyncIterator[Serving]:
     """Load and warm every model (raising on the first that fails), then serve until exit.
-    ``observer(name)``, when given, is told about each of that model's batches."""
+    ``observer(name)``, when given, is told about each of that model's batches; ``on_death``
+    is told when a model's batch loop dies."""
     specs = await asyncio.to_thread(discover, settings.model_repository)
     if settings.default_model not in specs:
         raise ValueError(
@@ -80,8 +64,8 @@ async def open_serving(
         for name, spec in specs.items():
             logger.info("loading model %s (%s)", name, spec.config.model.source)
             # Loading reads files and runs a forward pass: keep it off the event loop.
-            classifier = await asyncio.to_thread(_load_model, spec, settings)
-            batcher: Batcher[Request, TopK] = Batcher(
+            classifier = await asyncio.to_thread(load_model, spec, settings)
+            batcher: Batcher[Item, TopK] = Batcher(
                 classifier.predict,
                 classifier.executor,
                 max_batch_size=settings.max_batch_size,
@@ -90,17 +74,19 @@ async def open_serving(
                 name=name,
                 observer=observer(name) if observer else None,
                 close_when_idle=True,
+                on_death=partial(on_death, name) if on_death else None,
             )
+            facts = classifier.describe()
             models[name] = ServedModel(
-                spec, classifier, batcher, ImageTransform.from_spec(spec.preprocessing)
+                classifier, batcher, ImageTransform.from_spec(spec.preprocessing), facts
             )
             batcher.start()
             logger.info(
                 "model %s ready on %s: %d classes, input %s",
                 name,
-                classifier.device,
-                len(spec.labels),
-                "x".join(map(str, spec.input_size)),
+                facts.device,
+                len(facts.labels),
+                "x".join(map(str, facts.input_size)),
             )
         serving.ready = True
         yield serving

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 ROOT = Path(__file__).resolve().parents[1]
+# The JPEG photographs ship with evalserve (bench and agreement use them); the PNGs are tests'.
+PHOTO_DIR = ROOT / "app" / "tools" / "photos"
 FIXTURES = ROOT / "tests" / "fixtures"
 MODELS = ROOT / "models"
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -33,8 +35,13 @@ PHOTOS = [
 ]
 
 
+def fixture(name: str) -> Path:
+    """A committed photograph by file name: ``chelsea.jpg`` (shipped) or ``chelsea.png``."""
+    return (PHOTO_DIR if name.endswith(".jpg") else FIXTURES) / name
+
+
 def photo(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
+    return fixture(name).read_bytes()
 
 
 def make_settings(**overrides: Any) -> Settings:

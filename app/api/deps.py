@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
 from app.api.errors import Forbidden, ModelNotFound, ServiceUnavailable, Unauthorized
+from app.api.inference import Inference
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
-from app.serving import ServedModel, Serving
+from app.state import ServedModel, Serving
 
 
 def get_serving(request: Request) -> Serving:
@@ -31,11 +33,14 @@ def get_metrics(request: Request) -> Metrics:
 
 
 def not_ready_reason(request: Request) -> str | None:
-    """Why the server is not ready ("draining" or "loading"), or None when it is: every model
-    loaded and warmed, and not shutting down. The one definition every probe uses."""
+    """Why the server is not ready ("draining", "failed" or "loading"), or None when it is:
+    every model loaded and warmed, every batch loop alive, and not shutting down. The one
+    definition every probe uses."""
+    serving: Serving | None = getattr(request.app.state, "serving", None)
+    if serving is not None and serving.failed_models():
+        return "failed"
     if request.app.state.lifecycle.draining:
         return "draining"
-    serving: Serving | None = getattr(request.app.state, "serving", None)
     if serving is None or not serving.ready:
         return "loading"
     return None
@@ -66,10 +71,10 @@ def require_api_key(request: Request) -> None:
         raise Forbidden("the API key is not valid")
 
 
-def get_model(
-    serving: ServingDep,
-    name: Annotated[str, Path(description="Model name, as listed by GET /v1/models.")],
-) -> ServedModel:
+ModelName = Annotated[str, Path(description="Model name, as listed by GET /v1/models.")]
+
+
+def get_model(serving: ServingDep, name: ModelName) -> ServedModel:
     try:
         return serving.models[name]
     except KeyError:
@@ -84,3 +89,17 @@ def get_default_model(serving: ServingDep) -> ServedModel:
 
 ModelDep = Annotated[ServedModel, Depends(get_model)]
 DefaultModelDep = Annotated[ServedModel, Depends(get_default_model)]
+
+
+async def named_inference(request: Request, model: ModelDep) -> AsyncIterator[Inference]:
+    async with Inference.open(request, model) as inference:
+        yield inference
+
+
+async def default_inference(request: Request, model: DefaultModelDep) -> AsyncIterator[Inference]:
+    async with Inference.open(request, model) as inference:
+        yield inference
+
+
+InferenceDep = Annotated[Inference, Depends(named_inference)]
+DefaultInferenceDep = Annotated[Inference, Depends(default_inference)]

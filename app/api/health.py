@@ -21,11 +21,13 @@ async def live() -> HealthStatus:
 @router.get(
     "/ready",
     response_model=HealthStatus,
-    responses={503: {"model": ErrorResponse, "description": "Loading, or shutting down."}},
+    responses={503: {"model": ErrorResponse, "description": "Loading, shutting down, or failed."}},
 )
 async def ready(request: Request) -> HealthStatus | JSONResponse:
     """200 only when every model is loaded and warmed and the server is not shutting down."""
     reason = not_ready_reason(request)
+    if reason == "failed":
+        return error_response(503, "failed", "a model stopped serving; the server is stopping")
     if reason == "draining":
         return error_response(503, "draining", "the server is shutting down")
     if reason is not None:

@@ -1,12 +1,13 @@
-"""What every inference route shares, whatever its protocol (/v1, /v2): reading a body within
-its limits, decoding in the pool, batching, mapping the batcher's refusals to HTTP errors, and
-counting rejected images."""
+"""One inference request, whatever its protocol (/v1, /v2): the ``Inference`` object that routes
+receive as a dependency. It reads the body within its limits, decodes in the pool, goes through
+the model's batcher, maps the batcher's refusals to HTTP errors, and counts rejected images."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -24,12 +25,20 @@ from app.api.errors import (
     ServiceUnavailable,
 )
 from app.api.middleware import request_info
-from app.batching import BatcherClosed, BatchFailed, DeadlineExceeded, QueueFull, TooManyItems
+from app.batching import (
+    BatcherClosed,
+    BatcherDead,
+    BatchFailed,
+    DeadlineExceeded,
+    QueueFull,
+    TooManyItems,
+)
+from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.preprocessing import ImageError, ImageTooLarge, load_image
-from app.runtime import TopK
-from app.serving import ServedModel, Serving
+from app.state import ServedModel, Serving
+from app.values import Item, TopK
 
 T = TypeVar("T")
 RETRY_AFTER = {"Retry-After": "1"}
@@ -46,23 +55,132 @@ _REJECT_REASONS: dict[type[ServiceError], str] = {
 }
 
 
-@asynccontextmanager
-async def inference_request(
-    request: Request, model: ServedModel, lifecycle: Lifecycle, metrics: Metrics
-) -> AsyncIterator[dict[str, Any]]:
-    """Around one inference request: refuse it while draining, note the model for the access
-    log, and count the images of a rejected request by reason. Yields the log record."""
-    info = request_info(request.scope)
-    info["model"] = model.name
-    if lifecycle.draining:
-        raise ServiceUnavailable("the server is shutting down", headers=RETRY_AFTER)
-    try:
-        yield info
-    except ServiceError as exc:
-        reason = _REJECT_REASONS.get(type(exc))
-        if reason is not None:
-            metrics.reject(model.name, reason, info.get("images") or 1)
-        raise
+@dataclass(slots=True)
+class Inference:
+    """One inference request and everything it needs (the model, the server's state, the
+    access-log record); routes get it from ``app.api.deps`` and build nothing themselves."""
+
+    request: Request
+    model: ServedModel
+    serving: Serving
+    info: dict[str, Any]
+    # When the request arrived (the event loop's clock): the request timeout counts from here.
+    started: float
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, request: Request, model: ServedModel) -> AsyncIterator[Inference]:
+        """Around one inference request: refuse it while draining, note the model for the
+        access log, and count the images of a rejected request by reason."""
+        state = request.app.state
+        lifecycle: Lifecycle = state.lifecycle
+        metrics: Metrics = state.metrics
+        info = request_info(request.scope)
+        info["model"] = model.name
+        if lifecycle.draining:
+            raise ServiceUnavailable("the server is shutting down", headers=RETRY_AFTER)
+        started = asyncio.get_running_loop().time()
+        try:
+            yield cls(request, model, state.serving, info, started)
+        except ServiceError as exc:
+            reason = _REJECT_REASONS.get(type(exc))
+            if reason is not None:
+                metrics.reject(model.name, reason, info.get("images") or 1)
+            raise
+
+    @property
+    def settings(self) -> Settings:
+        return self.serving.settings
+
+    def expect(self, count: int) -> None:
+        """Note that the request carries ``count`` images, refusing it (413) at once when the
+        model's queue could never hold them: call it before decoding anything."""
+        self.info["images"] = count
+        try:
+            self.model.batcher.check_fits(count)
+        except TooManyItems:
+            raise PayloadTooLarge(
+                f"{count} images, more than the queue can ever hold "
+                f"({self.model.batcher.max_queue_size})"
+            ) from None
+
+    async def read_body(self, reader: Callable[[AsyncGenerator[bytes, None]], Awaitable[T]]) -> T:
+        """Run ``reader`` over the request's body stream, bounded in size and arrival time."""
+        settings = self.settings
+        limit = settings.max_upload_bytes
+        declared = self.request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the request body is {declared} bytes, the limit is {limit}")
+        try:
+            async with asyncio.timeout(settings.body_timeout_s):
+                return await reader(limited(self.request.stream(), limit))
+        except ClientDisconnect:
+            raise BadRequest("the client disconnected while sending the body") from None
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {settings.body_timeout_s}s"
+            ) from None
+
+    async def classify(self, uploads: Sequence[Upload], k: int) -> list[TopK]:
+        """Top-``k`` of every upload, through the model's batcher."""
+        self.expect(len(uploads))
+        model, settings = self.model, self.settings
+        loop = asyncio.get_running_loop()
+        # The batch now gathering may wait for these images while they decode.
+        arrival = model.batcher.announce(len(uploads))
+        try:
+            arrays = await self._decode(uploads)
+            remaining = max(settings.request_timeout_s - (loop.time() - self.started), 0.0)
+            items = [Item(array, k) for array in arrays]
+            return await _unless_disconnected(
+                self.request, model.batcher.submit(items, remaining, arrival)
+            )
+        except QueueFull:
+            raise Overloaded(
+                f"model {model.name!r} is at capacity; retry shortly", headers=RETRY_AFTER
+            ) from None
+        except BatcherClosed:
+            raise ServiceUnavailable("the server is shutting down", headers=RETRY_AFTER) from None
+        except BatcherDead:
+            raise ServiceUnavailable(
+                f"model {model.name!r} stopped serving; the server is restarting",
+                headers=RETRY_AFTER,
+            ) from None
+        except DeadlineExceeded:
+            raise GatewayTimeout(
+                f"no prediction within the request timeout ({settings.request_timeout_s}s)"
+            ) from None
+        except BatchFailed:
+            # Logged with its traceback by the batcher; the client gets no internals.
+            raise InferenceFailed("the model failed on the batch holding this request") from None
+        finally:
+            arrival.cancel()
+
+    async def _decode(self, uploads: Sequence[Upload]) -> list[np.ndarray]:
+        """Decode and transform the encoded uploads in the decode pool; arrays pass through.
+        The first bad one fails them all, naming itself."""
+        loop = asyncio.get_running_loop()
+        max_pixels = self.settings.max_image_pixels
+        transform, pool = self.model.transform, self.serving.decode_pool
+
+        async def one(name: str, data: bytes | np.ndarray) -> np.ndarray:
+            if isinstance(data, np.ndarray):
+                return data
+            return await loop.run_in_executor(pool, load_image, data, name, max_pixels, transform)
+
+        decoded = await asyncio.gather(
+            *(one(name, data) for name, data in uploads), return_exceptions=True
+        )
+        arrays = []
+        for result in decoded:
+            if isinstance(result, ImageTooLarge):
+                raise PayloadTooLarge(str(result))
+            if isinstance(result, ImageError):
+                raise InvalidImage(str(result))
+            if isinstance(result, BaseException):
+                raise result
+            arrays.append(result)
+        return arrays
 
 
 async def limited(stream: AsyncIterator[bytes], limit: int) -> AsyncGenerator[bytes, None]:
@@ -73,28 +191,6 @@ async def limited(stream: AsyncIterator[bytes], limit: int) -> AsyncGenerator[by
         if received > limit:
             raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
         yield chunk
-
-
-async def read_within_limits(
-    request: Request,
-    serving: Serving,
-    reader: Callable[[AsyncGenerator[bytes, None]], Awaitable[T]],
-) -> T:
-    """Run ``reader`` over the request's body stream, bounded in size and arrival time."""
-    settings = serving.settings
-    limit = settings.max_upload_bytes
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is {declared} bytes, the limit is {limit}")
-    try:
-        async with asyncio.timeout(settings.body_timeout_s):
-            return await reader(limited(request.stream(), limit))
-    except ClientDisconnect:
-        raise BadRequest("the client disconnected while sending the body") from None
-    except TimeoutError:
-        raise RequestTimeout(
-            f"the request body did not arrive within {settings.body_timeout_s}s"
-        ) from None
 
 
 async def read_all(stream: AsyncIterator[bytes]) -> bytes:
@@ -124,73 +220,3 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         await asyncio.gather(task, return_exceptions=True)
         raise BadRequest("the client disconnected")
     return task.result()
-
-
-async def _decode(uploads: Sequence[Upload], model: ServedModel, serving: Serving) -> list[Any]:
-    """Decode and transform the encoded uploads in the decode pool; arrays pass through. The
-    first bad one fails them all, naming itself."""
-    loop = asyncio.get_running_loop()
-    max_pixels = serving.settings.max_image_pixels
-
-    async def one(name: str, data: bytes | np.ndarray) -> np.ndarray:
-        if isinstance(data, np.ndarray):
-            return data
-        return await loop.run_in_executor(
-            serving.decode_pool, load_image, data, name, max_pixels, model.transform
-        )
-
-    decoded = await asyncio.gather(
-        *(one(name, data) for name, data in uploads), return_exceptions=True
-    )
-    for result in decoded:
-        if isinstance(result, ImageTooLarge):
-            raise PayloadTooLarge(str(result))
-        if isinstance(result, ImageError):
-            raise InvalidImage(str(result))
-        if isinstance(result, BaseException):
-            raise result
-    return decoded
-
-
-async def classify(
-    request: Request,
-    model: ServedModel,
-    serving: Serving,
-    uploads: Sequence[Upload],
-    k: int,
-    started: float,
-) -> list[TopK]:
-    """Top-``k`` of every upload, through the model's batcher; ``started`` is the request's
-    arrival (``loop.time()``), from which the request timeout counts."""
-    settings = serving.settings
-    if len(uploads) > settings.max_queue_size:
-        raise PayloadTooLarge(
-            f"{len(uploads)} images, more than the queue can hold ({settings.max_queue_size})"
-        )
-    loop = asyncio.get_running_loop()
-    # The batch now gathering may wait for these images while they decode.
-    arrival = model.batcher.announce(len(uploads))
-    try:
-        arrays = await _decode(uploads, model, serving)
-        remaining = max(settings.request_timeout_s - (loop.time() - started), 0.0)
-        payloads = [(array, k) for array in arrays]
-        return await _unless_disconnected(
-            request, model.batcher.submit(payloads, remaining, arrival)
-        )
-    except QueueFull:
-        raise Overloaded(
-            f"model {model.name!r} is at capacity; retry shortly", headers=RETRY_AFTER
-        ) from None
-    except BatcherClosed:
-        raise ServiceUnavailable("the server is shutting down", headers=RETRY_AFTER) from None
-    except TooManyItems as exc:
-        raise PayloadTooLarge(str(exc)) from None
-    except DeadlineExceeded:
-        raise GatewayTimeout(
-            f"no prediction within the request timeout ({settings.request_timeout_s}s)"
-        ) from None
-    except BatchFailed:
-        # Logged with its traceback by the batcher; the client gets no internals.
-        raise InferenceFailed("the model failed on the batch holding this request") from None
-    finally:
-        arrival.cancel()

@@ -1,5 +1,6 @@
-"""One pure-ASGI middleware around every request: request id, access log, metrics, in-flight
-count, and the last line of defence for unexpected exceptions (logged once, answered 500)."""
+"""One pure-ASGI middleware around every request: request id, header-size check, in-flight
+count, access log and metrics, and the last line of defence for unexpected exceptions (logged
+once, answered 500). Each job is a small piece below; ``__call__`` only puts them in order."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +32,79 @@ def request_info(scope: Scope) -> dict[str, Any]:
     return info
 
 
+def request_id_of(scope: Scope) -> str:
+    """The client's ``X-Request-ID`` when it is safe to echo and log, else a fresh one."""
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER and _SAFE_ID.match(value):
+            return str(value.decode())
+    return uuid.uuid4().hex
+
+
+def head_size(scope: Scope) -> int:
+    """Bytes of the request's header lines, as they came on the wire (near enough)."""
+    return sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request/response as the middleware sees it: its id, and the response's status once
+    it has started. ``send`` adds the request id (and, while draining, ``Connection: close``)."""
+
+    request_id: str
+    downstream: Send
+    lifecycle: Lifecycle
+    status: int = 500
+    started: bool = False
+    began: float = field(default_factory=time.perf_counter)
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.status = message["status"]
+            headers = [*message.get("headers", []), (REQUEST_ID_HEADER, self.request_id.encode())]
+            if self.lifecycle.draining:
+                # Tell keep-alive clients not to reuse this connection: the port closes soon.
+                headers.append((b"connection", b"close"))
+            message = {**message, "headers": headers}
+        await self.downstream(message)
+
+    async def send_error(self, status: int, code: str, message: str) -> None:
+        body = json.dumps(error_body(code, message)).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+
+def log_access(scope: Scope, exchange: Exchange, seconds: float) -> None:
+    info = request_info(scope)
+    client = scope.get("client")
+    host = client[0] if client else None
+    access_logger.info(
+        '%s "%s %s" %d %.1fms images=%s model=%s request_id=%s',
+        host or "-",
+        scope["method"],
+        scope["path"],
+        exchange.status,
+        seconds * 1000,
+        info.get("images", "-"),
+        info.get("model", "-"),
+        exchange.request_id,
+        extra={
+            "request_id": exchange.request_id,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": exchange.status,
+            "latency_ms": round(seconds * 1000, 2),
+            "images": info.get("images"),
+            "model": info.get("model"),
+            "client": host,
+        },
+    )
+
+
 class RequestMiddleware:
     def __init__(
         self, app: ASGIApp, metrics: Metrics, lifecycle: Lifecycle, max_header_bytes: int
@@ -43,98 +118,39 @@ class RequestMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        request_id = (
-            next(
-                (
-                    value.decode()
-                    for name, value in scope["headers"]
-                    if name == REQUEST_ID_HEADER and _SAFE_ID.match(value)
-                ),
-                None,
-            )
-            or uuid.uuid4().hex
-        )
-        info = request_info(scope)
-        info["request_id"] = request_id
-        status = 500
-        response_started = False
-        # Requests that arrive while draining are answered 503 at once; only those accepted
-        # before count towards what the drain waits for.
-        counted = not self.lifecycle.draining
-        if counted:
-            self.lifecycle.in_flight += 1
+        exchange = Exchange(request_id_of(scope), send, self.lifecycle)
+        request_info(scope)["request_id"] = exchange.request_id
+        try:
+            with self.lifecycle.accepting():
+                await self._answer(scope, receive, exchange)
+        finally:
+            seconds = time.perf_counter() - exchange.began
+            # Unmatched paths share one label, so random URLs cannot explode the series count.
+            template = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.request_done(template, scope["method"], exchange.status, seconds)
+            log_access(scope, exchange, seconds)
 
-        async def send_with_id(message: Message) -> None:
-            nonlocal status, response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-                status = message["status"]
-                headers = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())]
-                if self.lifecycle.draining:
-                    # Tell keep-alive clients not to reuse this connection: the port closes soon.
-                    headers.append((b"connection", b"close"))
-                message = {**message, "headers": headers}
-            await send(message)
-
+    async def _answer(self, scope: Scope, receive: Receive, exchange: Exchange) -> None:
+        """The app's answer, or 431 for a head over the limit, or 500 for a crash."""
         try:
             # uvicorn's h11 limit only bounds a head that arrives in pieces; a whole one that
             # fits in one read is checked here.
-            head = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            head = head_size(scope)
             if head > self.max_header_bytes:
-                status = 431
-                await _send_json(
-                    send_with_id,
+                await exchange.send_error(
                     431,
                     "header_too_large",
                     f"request headers are {head} bytes, the limit is {self.max_header_bytes}",
                 )
-            else:
-                await self.app(scope, receive, send_with_id)
+                return
+            await self.app(scope, receive, exchange.send)
         except Exception:
             error_logger.exception(
                 "unhandled error on %s %s",
                 scope["method"],
                 scope["path"],
-                extra={"request_id": request_id},
+                extra={"request_id": exchange.request_id},
             )
-            status = 500
-            if not response_started:
-                await _send_json(send_with_id, 500, "internal_error", "internal server error")
-        finally:
-            if counted:
-                self.lifecycle.in_flight -= 1
-            seconds = time.perf_counter() - started
-            route = scope.get("route")
-            # Unmatched paths share one label, so random URLs cannot explode the series count.
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.request_done(template, scope["method"], status, seconds)
-            client = scope.get("client")
-            access_logger.info(
-                '%s "%s %s" %d %.1fms images=%s model=%s request_id=%s',
-                client[0] if client else "-",
-                scope["method"],
-                scope["path"],
-                status,
-                seconds * 1000,
-                info.get("images", "-"),
-                info.get("model", "-"),
-                request_id,
-                extra={
-                    "request_id": request_id,
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "latency_ms": round(seconds * 1000, 2),
-                    "images": info.get("images"),
-                    "model": info.get("model"),
-                    "client": client[0] if client else None,
-                },
-            )
-
-
-async def _send_json(send: Send, status: int, code: str, message: str) -> None:
-    body = json.dumps(error_body(code, message)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+            exchange.status = 500
+            if not exchange.started:
+                await exchange.send_error(500, "internal_error", "internal server error")

@@ -14,7 +14,7 @@ from app.api.schemas import (
     ModelList,
     PreprocessingInfo,
 )
-from app.serving import ServedModel, Serving
+from app.state import ServedModel, Serving
 
 router = APIRouter(
     prefix="/v1",
@@ -29,22 +29,23 @@ _NAMED: dict[int | str, dict[str, object]] = {
 
 
 def model_info(model: ServedModel, serving: Serving) -> ModelInfo:
-    spec, settings = model.spec, serving.settings
-    pre = spec.preprocessing
+    facts, batcher = model.describe(), model.batcher
+    pre = facts.preprocessing
     return ModelInfo(
-        name=spec.name,
-        default=spec.name == settings.default_model,
-        source=spec.config.model.source,
-        architecture=spec.config.model.architecture,
-        num_classes=len(spec.labels),
-        input_size=list(spec.input_size),
-        device=str(model.classifier.device),
-        dtype=str(model.classifier.dtype).removeprefix("torch."),
-        compiled_batch_sizes=list(model.classifier.buckets),
+        name=facts.name,
+        version=facts.version,
+        default=facts.name == serving.settings.default_model,
+        source=facts.source,
+        architecture=facts.architecture,
+        num_classes=len(facts.labels),
+        input_size=list(facts.input_size),
+        device=facts.device,
+        dtype=facts.dtype,
+        compiled_batch_sizes=list(facts.compiled_batch_sizes),
         batching=BatchingInfo(
-            max_batch_size=model.batcher.max_batch_size,
-            max_batch_delay_ms=model.batcher.max_delay_s * 1000.0,
-            max_queue_size=model.batcher.max_queue_size,
+            max_batch_size=batcher.max_batch_size,
+            max_batch_delay_ms=batcher.max_delay_s * 1000.0,
+            max_queue_size=batcher.max_queue_size,
         ),
         preprocessing=PreprocessingInfo(
             resize=pre.resize,
@@ -72,4 +73,4 @@ async def get_model_info(model: ModelDep, serving: ServingDep) -> ModelInfo:
 @router.get("/models/{name}/labels", response_model=LabelList, responses=_NAMED)
 async def get_model_labels(model: ModelDep) -> LabelList:
     """The model's class names, in output-index order."""
-    return LabelList(model=model.name, labels=list(model.spec.labels))
+    return LabelList(model=model.name, labels=list(model.labels))

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.api.deps import (
-    DefaultModelDep,
-    LifecycleDep,
-    MetricsDep,
-    ModelDep,
-    ServingDep,
-    require_api_key,
-)
+from app.api.deps import DefaultInferenceDep, InferenceDep, require_api_key
 from app.api.errors import (
     BadRequest,
     InvalidParameter,
-    PayloadTooLarge,
     UnsupportedMediaType,
 )
-from app.api.inference import Upload, classify, inference_request, read_all, read_within_limits
+from app.api.inference import Inference, Upload, read_all
 from app.api.schemas import (
     AUTH_RESPONSES,
     ClassScore,
@@ -32,9 +23,6 @@ from app.api.schemas import (
     ImagePrediction,
     PredictResponse,
 )
-from app.lifecycle import Lifecycle
-from app.metrics import Metrics
-from app.serving import ServedModel, Serving
 
 router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[Depends(require_api_key)])
 
@@ -95,12 +83,10 @@ TopKQuery = Annotated[
 ]
 
 
-async def _read_uploads(
-    request: Request, serving: Serving, stream: AsyncGenerator[bytes, None]
-) -> list[Upload]:
+async def _read_uploads(call: Inference, stream: AsyncGenerator[bytes, None]) -> list[Upload]:
     """(name, bytes) of every image in the request body (multipart or one raw image)."""
-    settings = serving.settings
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    headers = call.request.headers
+    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type in RAW_IMAGE_TYPES:
         return [("body", await read_all(stream))]
     if media_type != "multipart/form-data":
@@ -108,14 +94,14 @@ async def _read_uploads(
             f"Content-Type {media_type or '(none)'!r} is not accepted; send multipart/form-data "
             f"with '{FILE_FIELD}' parts, or a raw image (image/jpeg, image/png, ...)"
         )
-    parser = MultiPartParser(request.headers, stream, max_files=settings.max_queue_size)
+    # The parser stops at one file more than the queue holds; call.expect then refuses them.
+    max_files = call.model.batcher.max_queue_size + 1
+    parser = MultiPartParser(headers, stream, max_files=max_files)
     try:
         form = await parser.parse()
     except MultiPartException as exc:
         if exc.message.startswith("Too many files"):
-            raise PayloadTooLarge(
-                f"more images than the queue can hold ({settings.max_queue_size})"
-            ) from exc
+            call.expect(max_files)
         raise BadRequest(f"malformed multipart body: {exc.message}") from exc
     try:
         uploads: list[Upload] = []
@@ -133,27 +119,15 @@ async def _read_uploads(
     return uploads
 
 
-async def _predict(
-    request: Request,
-    model: ServedModel,
-    serving: Serving,
-    lifecycle: Lifecycle,
-    metrics: Metrics,
-    top_k: int | None,
-) -> PredictResponse:
-    async with inference_request(request, model, lifecycle, metrics) as info:
-        started = asyncio.get_running_loop().time()
-        k = serving.settings.default_top_k if top_k is None else top_k
-        labels = model.spec.labels
-        if k > len(labels):
-            raise InvalidParameter(f"top_k is {k}, the model has only {len(labels)} classes")
-        uploads = await read_within_limits(
-            request, serving, lambda stream: _read_uploads(request, serving, stream)
-        )
-        info["images"] = len(uploads)
-        results = await classify(request, model, serving, uploads, k, started)
+async def _predict(call: Inference, top_k: int | None) -> PredictResponse:
+    k = call.settings.default_top_k if top_k is None else top_k
+    labels = call.model.labels
+    if k > len(labels):
+        raise InvalidParameter(f"top_k is {k}, the model has only {len(labels)} classes")
+    uploads = await call.read_body(lambda stream: _read_uploads(call, stream))
+    results = await call.classify(uploads, k)
     return PredictResponse(
-        model=model.name,
+        model=call.model.name,
         predictions=[
             ImagePrediction(
                 file=name,
@@ -173,26 +147,12 @@ async def _predict(
     responses=_ERRORS,
     openapi_extra=_BODY_DOC,
 )
-async def predict(
-    request: Request,
-    model: ModelDep,
-    serving: ServingDep,
-    lifecycle: LifecycleDep,
-    metrics: MetricsDep,
-    top_k: TopKQuery = None,
-) -> PredictResponse:
+async def predict(call: InferenceDep, top_k: TopKQuery = None) -> PredictResponse:
     """Classify one or more images with the named model."""
-    return await _predict(request, model, serving, lifecycle, metrics, top_k)
+    return await _predict(call, top_k)
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_BODY_DOC)
-async def predict_default(
-    request: Request,
-    model: DefaultModelDep,
-    serving: ServingDep,
-    lifecycle: LifecycleDep,
-    metrics: MetricsDep,
-    top_k: TopKQuery = None,
-) -> PredictResponse:
+async def predict_default(call: DefaultInferenceDep, top_k: TopKQuery = None) -> PredictResponse:
     """Classify one or more images with the default model."""
-    return await _predict(request, model, serving, lifecycle, metrics, top_k)
+    return await _predict(call, top_k)

@@ -61,6 +61,7 @@ class ModelInfo(BaseModel):
             "examples": [
                 {
                     "name": "efficientnet_lite0",
+                    "version": "1",
                     "default": True,
                     "source": "timm",
                     "architecture": "tf_efficientnet_lite0",
@@ -74,12 +75,21 @@ class ModelInfo(BaseModel):
                         "max_batch_delay_ms": 5.0,
                         "max_queue_size": 256,
                     },
+                    "preprocessing": {
+                        "resize": 256,
+                        "crop": 224,
+                        "interpolation": "bilinear",
+                        "color_mode": "RGB",
+                        "mean": [0.485, 0.456, 0.406],
+                        "std": [0.229, 0.224, 0.225],
+                    },
                 }
             ]
         }
     )
 
     name: str
+    version: str = Field(description="The model's version (model.toml's model.version).")
     default: bool = Field(description="Whether POST /v1/predict answers with this model.")
     source: str = Field(description="timm, torchvision, torchscript or export.")
     architecture: str | None

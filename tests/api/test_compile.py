@@ -16,9 +16,10 @@ from PIL import Image
 from support import MODELS, make_settings
 
 from app.main import create_app
-from app.optimize import batch_plans
-from app.repository import ModelConfigError, discover
-from app.runtime import Classifier
+from app.model.optimize import CompileError
+from app.model.repository import discover
+from app.model.runtime import Classifier
+from app.values import Item
 
 
 def digits_only(tmp_path: Path) -> Path:
@@ -92,21 +93,17 @@ def test_padded_and_split_plans_give_the_eager_scores(digits_test_split: Path) -
     try:
         compiled.warm_up(4)
         graphs = compiled_graphs()
-        expected = [
-            eager.executor.submit(eager.predict, [(i, 3) for i in images[:n]]).result()
-            for n in (1, 2, 3, 4)
-        ]
+        expected = [eager.predict_blocking([Item(i, 3) for i in images[:n]]) for n in (1, 2, 3, 4)]
         # Costs that make every batch split into ones, then every batch padded up to 4.
         for costs, three in (
             ({1: 1.0, 2: 9.0, 4: 9.0}, (1, 1, 1)),
             ({1: 9.0, 2: 9.0, 4: 1.0}, (4,)),
         ):
-            compiled._plans = batch_plans(costs, 4)  # as warm_up would have measured them
-            assert compiled._plans[3] == three
+            assert compiled.compiled is not None
+            compiled.compiled.plan(costs, 4)  # as warm_up would have measured them
+            assert compiled.compiled.plans[3] == three
             for n, want in zip((1, 2, 3, 4), expected, strict=True):
-                got = compiled.executor.submit(
-                    compiled.predict, [(i, 3) for i in images[:n]]
-                ).result()
+                got = compiled.predict_blocking([Item(i, 3) for i in images[:n]])
                 assert [g[1] for g in got] == [w[1] for w in want]
                 assert np.allclose([g[0] for g in got], [w[0] for w in want], atol=1e-5)
         assert compiled_graphs() == graphs
@@ -130,7 +127,7 @@ def test_compiling_makes_room_for_its_sizes_and_refuses_a_fall_back_to_eager(
 
     def forward(size: int) -> float:
         blank = np.zeros((8, 8, 1), np.uint8)
-        classifier.executor.submit(classifier.predict, [(blank, 1)] * size).result()
+        classifier.predict_blocking([Item(blank, 1)] * size)
         return 0.0
 
     try:
@@ -139,7 +136,8 @@ def test_compiling_makes_room_for_its_sizes_and_refuses_a_fall_back_to_eager(
         assert dynamo_config.recompile_limit == 1 + 3
         # A size whose pass makes no new graph (here: one compiled already) is refused rather
         # than served eagerly in silence.
-        with pytest.raises(ModelConfigError, match="made no graph for batches of 2"):
-            classifier._compile((2,), forward)
+        with pytest.raises(CompileError, match="made no graph for batches of 2"):
+            assert classifier.compiled is not None
+            classifier.compiled.compile((2,), forward)
     finally:
         classifier.close()

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from support import CAT_CLASSES, PHOTOS, make_settings, photo
 
 from app.main import create_app
-from app.serving import ServedModel, Serving
+from app.state import ServedModel, Serving
 
 
 @asynccontextmanager

@@ -13,8 +13,8 @@ import torch
 from asgi_lifespan import LifespanManager
 from support import MODELS, make_settings
 
-from app.cli import main
 from app.main import create_app
+from app.tools.cli import main
 
 
 def evaluate_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:

@@ -9,9 +9,9 @@ import torch
 from fastapi.testclient import TestClient
 from support import CAT_CLASSES, MODELS, make_settings, photo
 
-from app.cli import main
 from app.main import create_app
-from app.repository import ModelConfigError
+from app.model.repository import ModelConfigError
+from app.tools.cli import main
 
 bf16 = pytest.mark.skipif(
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 support"

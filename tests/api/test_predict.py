@@ -22,8 +22,8 @@ from support import (
 from torchvision import transforms
 
 from app.main import create_app
-from app.repository import load_spec
-from app.runtime import build_module
+from app.model.repository import load_spec
+from app.model.runtime import build_module
 
 
 @pytest.fixture(scope="module")

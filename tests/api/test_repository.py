@@ -19,8 +19,8 @@ from torch import nn
 from torchvision import transforms
 
 from app.main import create_app
-from app.repository import ModelConfigError, discover
-from app.runtime import Classifier
+from app.model.repository import ModelConfigError, discover
+from app.model.runtime import Classifier
 
 TINY_LABELS = ["red", "green", "blue"]
 

@@ -296,7 +296,7 @@ def test_dockerignore_keeps_what_the_build_copies_and_drops_the_rest(image: Imag
         ]
         for path in [source, *(str(p.relative_to(ROOT)) for p in files)]:
             assert in_build_context(path), f"{path} is copied but .dockerignore drops it"
-    for dropped in (".venv/bin/python", ".git/HEAD", "tests/fixtures/chelsea.jpg", "bench"):
+    for dropped in (".venv/bin/python", ".git/HEAD", "tests/fixtures/chelsea.png", "bench"):
         assert not in_build_context(dropped), f".dockerignore lets {dropped} into the context"
     assert not in_build_context("app/__pycache__/cli.cpython-311.pyc")
 
@@ -544,7 +544,7 @@ def test_image_start_command_serves_and_stops_cleanly_on_sigterm(
             assert time.monotonic() < deadline, f"never healthy: {result.stderr}\n{log.read_text()}"
             time.sleep(0.5)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
-            photo = (ROOT / "tests" / "fixtures" / "chelsea.jpg").read_bytes()
+            photo = (ROOT / "app" / "tools" / "photos" / "chelsea.jpg").read_bytes()
             response = client.post("/v1/predict", files={"file": ("cat.jpg", photo)}, timeout=60)
         assert response.status_code == 200, response.text
         assert response.json()["predictions"][0]["classes"][0]["label"] in CAT_CLASSES

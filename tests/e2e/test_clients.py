@@ -18,11 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from support import CAT_CLASSES, COFFEE_CLASSES, FIXTURES, MODELS, live_server, photo
+from support import CAT_CLASSES, COFFEE_CLASSES, MODELS, fixture, live_server, photo
 
-from app.cli import main
 from app.client import AsyncClient, Client, EvalserveError
-from app.serving import ServedModel
+from app.state import ServedModel
+from app.tools.cli import main
 
 pytestmark = pytest.mark.e2e
 
@@ -43,14 +43,14 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 def test_client_predicts_a_path_bytes_and_a_pil_image(server: str) -> None:
     with Client(server) as client:
         assert client.health() is True
-        by_path = client.predict(FIXTURES / "chelsea.jpg", top_k=3)
+        by_path = client.predict(fixture("chelsea.jpg"), top_k=3)
         assert by_path.file == "chelsea.jpg" and len(by_path.classes) == 3
         assert by_path.classes[0].label in CAT_CLASSES
         by_bytes = client.predict(photo("coffee.jpg"))
         assert by_bytes.classes[0].label in COFFEE_CLASSES
         pil = Image.open(io.BytesIO(photo("chelsea.png"))).convert("RGB")
         assert client.predict(pil, top_k=1).classes[0].label in CAT_CLASSES
-        many = client.predict_many([photo("coffee.jpg"), FIXTURES / "chelsea.jpg"], top_k=1)
+        many = client.predict_many([photo("coffee.jpg"), fixture("chelsea.jpg")], top_k=1)
         assert len(many) == 2
         assert many[0].classes[0].label in COFFEE_CLASSES
         assert many[1].classes[0].label in CAT_CLASSES
@@ -64,7 +64,7 @@ def test_async_client_predicts_concurrently(server: str) -> None:
         async with AsyncClient(server) as client:
             assert await client.health() is True
             cat, coffee = await asyncio.gather(
-                client.predict(FIXTURES / "chelsea.jpg"), client.predict(photo("coffee.png"))
+                client.predict(fixture("chelsea.jpg")), client.predict(photo("coffee.png"))
             )
             assert cat.classes[0].label in CAT_CLASSES
             assert coffee.classes[0].label in COFFEE_CLASSES
@@ -140,13 +140,13 @@ def test_client_gives_up_after_its_retries() -> None:
 def test_predict_command_prints_a_table_and_json(
     server: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cat = str(FIXTURES / "chelsea.jpg")
+    cat = str(fixture("chelsea.jpg"))
     assert main(["predict", "--url", server, "--top-k", "2", cat]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0] == cat
     assert table[1].split()[0] in {"Egyptian", "tabby", "tiger"}
     assert len(table) == 4  # name, two classes, blank line
-    assert main(["predict", "--url", server, "--json", cat, str(FIXTURES / "coffee.jpg")]) == 0
+    assert main(["predict", "--url", server, "--json", cat, str(fixture("coffee.jpg"))]) == 0
     results = json.loads(capsys.readouterr().out)
     assert [len(r["classes"]) for r in results] == [5, 5]
     assert results[1]["classes"][0]["label"] in COFFEE_CLASSES
@@ -157,7 +157,7 @@ def test_predict_command_reports_a_bad_file_and_exits_nonzero(
 ) -> None:
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
-    assert main(["predict", "--url", server, str(bad), str(FIXTURES / "coffee.jpg")]) == 1
+    assert main(["predict", "--url", server, str(bad), str(fixture("coffee.jpg"))]) == 1
     captured = capsys.readouterr()
     assert "notes.jpg" in captured.err and "400" in captured.err
     assert "espresso" in captured.out

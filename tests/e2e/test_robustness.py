@@ -39,9 +39,9 @@ from schemathesis.specs.openapi.checks import (
 from support import (
     CAT_CLASSES,
     DEFAULT_MODEL,
-    FIXTURES,
     MODELS,
     ServerProcess,
+    fixture,
     make_settings,
     metric,
     photo,
@@ -296,7 +296,7 @@ def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
 def base_images() -> dict[str, tuple[bytes, str]]:
     """name -> (good file, its Content-Type): committed photographs and Pillow-made images of
     every format under test (JPEG, PNG, GIF, WebP) in the modes and variants uploads come in."""
-    with Image.open(FIXTURES / "chelsea.jpg") as cat:
+    with Image.open(fixture("chelsea.jpg")) as cat:
         small = cat.convert("RGB").resize((113, 75))
     frames = [small, small.rotate(90), small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
     exif = Image.Exif()
@@ -577,7 +577,7 @@ def corrupt_exif_jpeg() -> bytes:
     ("Corrupt EXIF data") and still reads the orientation."""
     entry = struct.pack(">HHIHH", EXIF_ORIENTATION, 3, 1, 6, 0)
     exif = b"Exif\x00\x00MM\x00*" + struct.pack(">IH", 8, 9) + entry + b"\x00" * 4
-    with Image.open(FIXTURES / "chelsea.jpg") as cat:
+    with Image.open(fixture("chelsea.jpg")) as cat:
         return encode(cat.convert("RGB"), "JPEG", exif=exif)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from support import CAT_CLASSES, COFFEE_CLASSES, FIXTURES, ROOT, live_server
+from support import CAT_CLASSES, COFFEE_CLASSES, ROOT, fixture, live_server
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +27,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 # `make test` saves the README's screenshot here when this is set; otherwise it goes to tmp.
-SCREENSHOT = os.environ.get("EVALSERVE_UI_SCREENSHOT")
+SCREENSHOT = os.environ.get("UI_SCREENSHOT")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def card_for(page: Page, name: str) -> object:
 def test_cat_photo_gets_a_cat_bar_first(page: Page, server: str, tmp_path: Path) -> None:
     expect(page.locator("#model")).to_have_value("efficientnet_lite0")
     expect(page.get_by_label("API key")).to_be_hidden()  # no keys configured
-    page.set_input_files("#files", str(FIXTURES / "chelsea.jpg"))
+    page.set_input_files("#files", str(fixture("chelsea.jpg")))
     card = card_for(page, "chelsea.jpg")
     expect(card.locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
     assert first_label(card) in CAT_CLASSES
@@ -96,7 +96,7 @@ def test_cat_photo_gets_a_cat_bar_first(page: Page, server: str, tmp_path: Path)
 
 
 def test_two_images_at_once_each_beside_its_own_preview(page: Page) -> None:
-    page.set_input_files("#files", [str(FIXTURES / "coffee.jpg"), str(FIXTURES / "chelsea.png")])
+    page.set_input_files("#files", [str(fixture("coffee.jpg")), str(fixture("chelsea.png"))])
     expect(page.locator(".card")).to_have_count(2)
     coffee, cat = card_for(page, "coffee.jpg"), card_for(page, "chelsea.png")
     expect(coffee.locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
@@ -115,12 +115,12 @@ def test_a_text_file_named_jpg_shows_the_servers_error_and_the_next_upload_works
     expect(error).to_be_visible()
     expect(error).to_contain_text("Not a readable image (400)")
     expect(error).to_contain_text("notes.jpg")
-    page.set_input_files("#files", str(FIXTURES / "coffee.jpg"))
+    page.set_input_files("#files", str(fixture("coffee.jpg")))
     expect(card_for(page, "coffee.jpg").locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
 
 
 def _dispatch_files(page: Page, event: str, target: str, name: str) -> None:
-    data = base64.b64encode((FIXTURES / name).read_bytes()).decode()
+    data = base64.b64encode((fixture(name)).read_bytes()).decode()
     page.evaluate(
         """([event, target, name, data]) => {
             const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
@@ -155,7 +155,7 @@ def test_keyboard_opens_the_file_picker_and_controls_have_labels(page: Page) -> 
             break
         page.wait_for_timeout(100)
     assert page.choosers, "Enter on the button opened no file chooser"  # type: ignore[attr-defined]
-    page.choosers[0].set_files(str(FIXTURES / "chelsea.jpg"))  # type: ignore[attr-defined]
+    page.choosers[0].set_files(str(fixture("chelsea.jpg")))  # type: ignore[attr-defined]
     expect(card_for(page, "chelsea.jpg").locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
     expect(page.get_by_label("Model")).to_be_visible()
     expect(page.get_by_role("button", name="choose files")).to_be_visible()
@@ -167,7 +167,7 @@ def test_phone_sized_screen_stacks_preview_above_the_bars(browser: Browser, serv
     try:
         page.goto(server)
         expect(page.locator("#model option")).to_have_count(2)
-        page.set_input_files("#files", str(FIXTURES / "chelsea.jpg"))
+        page.set_input_files("#files", str(fixture("chelsea.jpg")))
         card = card_for(page, "chelsea.jpg")
         expect(card.locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
         image = card.locator("img").bounding_box()  # type: ignore[attr-defined]
@@ -196,7 +196,7 @@ def test_api_key_field_appears_and_the_key_is_sent(browser: Browser) -> None:
             key.fill("page-key")
             key.dispatch_event("change")
             expect(page.locator("#model option")).to_have_count(2)
-            page.set_input_files("#files", str(FIXTURES / "chelsea.jpg"))
+            page.set_input_files("#files", str(fixture("chelsea.jpg")))
             expect(card_for(page, "chelsea.jpg").locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
             stored = page.evaluate("sessionStorage.getItem('evalserve-api-key')")
             assert stored == "page-key"
@@ -212,7 +212,7 @@ def test_too_large_upload_shows_the_413_message(browser: Browser) -> None:
         try:
             page.goto(url)
             expect(page.locator("#model option")).to_have_count(2)
-            page.set_input_files("#files", str(FIXTURES / "chelsea.jpg"))
+            page.set_input_files("#files", str(fixture("chelsea.jpg")))
             error = card_for(page, "chelsea.jpg").locator(".error")  # type: ignore[attr-defined]
             expect(error).to_contain_text("Too large (413)")
         finally:

@@ -20,8 +20,8 @@ from torchvision import transforms
 from tritonclient.utils import InferenceServerException
 
 from app.main import create_app
+from app.model.repository import load_spec
 from app.preprocessing import ImageTransform
-from app.repository import load_spec
 
 pytestmark = pytest.mark.e2e
 MODEL = "efficientnet_lite0"

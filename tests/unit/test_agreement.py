@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.agreement import test_images as agreement_images
-from app.agreement import wilson_interval
+from app.tools.agreement import test_images as agreement_images
+from app.tools.agreement import wilson_interval
 
 
 @pytest.mark.parametrize(

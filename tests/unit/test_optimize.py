@@ -13,10 +13,10 @@ from PIL import Image
 from support import MODELS, PHOTOS, photo
 from torch import nn
 
-from app.optimize import batch_plans, compile_buckets, fold_batchnorm
+from app.model.optimize import batch_plans, compile_buckets, fold_batchnorm
+from app.model.repository import discover
+from app.model.runtime import build_module
 from app.preprocessing import ImageTransform
-from app.repository import discover
-from app.runtime import build_module
 
 
 def probe(*shape: int) -> torch.Tensor:

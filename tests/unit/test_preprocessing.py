@@ -10,14 +10,15 @@ import io
 import struct
 import warnings
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from support import fixture
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from app.model.repository import PreprocessingSection
 from app.preprocessing import (
     BadImage,
     ImageTooLarge,
@@ -25,9 +26,7 @@ from app.preprocessing import (
     decode,
     load_image,
 )
-from app.repository import PreprocessingSection
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 MAX_PIXELS = 40_000_000  # the server's default limit
 
@@ -43,7 +42,7 @@ def imagenet_transform() -> ImageTransform:
 
 
 def photo(name: str) -> Image.Image:
-    with Image.open(FIXTURES / name) as image:
+    with Image.open(fixture(name)) as image:
         image.load()
         return image.copy()
 
@@ -234,7 +233,7 @@ def _palette() -> bytes:
 
 
 def _grayscale() -> bytes:
-    return (FIXTURES / "camera.jpg").read_bytes()
+    return (fixture("camera.jpg")).read_bytes()
 
 
 MODES = {"RGBA": _rgba, "CMYK": _cmyk, "P": _palette, "L": _grayscale}
@@ -302,7 +301,7 @@ def test_exif_orientation_is_applied():
 
 
 def test_load_image_is_decode_then_transform():
-    data = (FIXTURES / "rocket.jpg").read_bytes()
+    data = (fixture("rocket.jpg")).read_bytes()
     transform = imagenet_transform()
 
     out = load_image(data, "rocket.jpg", MAX_PIXELS, transform)
@@ -353,7 +352,7 @@ def test_jpeg_draft_follows_exif_orientation():
 def test_jpeg_draft_leaves_small_photos_and_other_formats_exact():
     drafting = ImageTransform.from_spec(spec(jpeg_draft=True))
     # Under four times the resize target nothing is drafted: the fixtures decode exactly.
-    data = (FIXTURES / "rocket.jpg").read_bytes()
+    data = (fixture("rocket.jpg")).read_bytes()
     assert np.array_equal(
         load_image(data, "rocket.jpg", MAX_PIXELS, drafting), reference(photo("rocket.jpg"))
     )
@@ -373,7 +372,7 @@ def test_jpeg_draft_of_a_truncated_photo_is_still_a_bad_image():
 
 
 def _half(name: str) -> bytes:
-    data = (FIXTURES / name).read_bytes()
+    data = (fixture(name)).read_bytes()
     return data[: len(data) // 2]
 
 
@@ -416,7 +415,7 @@ def test_formats_outside_the_allowed_list_are_refused(fmt):
 
 
 def test_image_over_the_pixel_limit_is_refused():
-    data = (FIXTURES / "chelsea.jpg").read_bytes()  # 451 x 300 = 135300 pixels
+    data = (fixture("chelsea.jpg")).read_bytes()  # 451 x 300 = 135300 pixels
 
     with pytest.raises(ImageTooLarge) as caught:
         load_image(data, "chelsea.jpg", 100_000, imagenet_transform())

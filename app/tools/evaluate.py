@@ -172,9 +172,10 @@ def evaluate_in_process(
     """Outcomes in ``samples`` order and the seconds the evaluation loop took."""
     import torch.utils.data
 
+    from app.model.repository import load_spec
+    from app.model.runtime import Classifier, resolve_device
     from app.preprocessing import ImageError, ImageTransform, load_image
-    from app.repository import load_spec
-    from app.runtime import Classifier, resolve_device
+    from app.values import Item
 
     spec = load_spec(model_dir)
     transform = ImageTransform.from_spec(spec.preprocessing)
@@ -207,9 +208,7 @@ def evaluate_in_process(
                     outcomes[index] = Outcome(samples[index], error=error)
             if good:
                 # The model's own worker thread, under inference mode, as in the server.
-                results = classifier.executor.submit(
-                    classifier.predict, [(array, k) for _, array in good]
-                ).result()
+                results = classifier.predict_blocking([Item(array, k) for _, array in good])
                 for (index, _), (_, indices) in zip(good, results, strict=True):
                     outcomes[index] = Outcome(samples[index], tuple(labels[i] for i in indices))
             progress(len(batch))

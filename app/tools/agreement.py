@@ -2,8 +2,8 @@
 
 A precision other than fp32 is only worth offering with this number measured: both precisions
 run the served code path (``Classifier.predict``, same preprocessing, same device) over the
-repository's test photographs and crops of them, and the report gives the top-1 agreement and
-the largest change in any top-1 score.
+shipped photographs (app/tools/photos) and crops of them, and the report gives the top-1
+agreement and the largest change in any top-1 score.
 """
 
 from __future__ import annotations
@@ -15,20 +15,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from app.bench import FIXTURES, PHOTOS
+from app.model.repository import Precision, discover
 from app.preprocessing import ImageTransform
-from app.repository import Precision, discover
+from app.tools import photos
+from app.values import Item, TopK
 
 CROP_FRACTIONS = (0.8, 0.6, 0.4)
 
 
 def test_images() -> list[Image.Image]:
-    """Each photograph and its mirror image, each whole and in overlapping crops of 80%, 60%
-    and 40% of its size on a 3x3 grid: 8 x 2 x 28 = 448 images. Small crops matter: a crop that
-    loses the subject is where two classes come close, and where a lower precision flips."""
+    """Each shipped photograph (app/tools/photos) and its mirror image, each whole and in
+    overlapping crops of 80%, 60% and 40% of its size on a 3x3 grid: 8 x 2 x 28 = 448 images.
+    Small crops matter: a crop that loses the subject is where two classes come close, and
+    where a lower precision flips."""
     images = []
-    for name in PHOTOS:
-        with Image.open(FIXTURES / f"{name}.jpg") as photo:
+    for name in photos.NAMES:
+        with Image.open(photos.path(name)) as photo:
             image = photo.convert("RGB")
         for view in (image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
             images.append(view)
@@ -74,20 +76,20 @@ def measure(
 ) -> Agreement:
     import torch
 
-    from app.runtime import Classifier, resolve_device
+    from app.model.runtime import Classifier, resolve_device
 
     spec = discover(repository)[model]
     transform = ImageTransform.from_spec(spec.preprocessing)
     arrays = [transform(image) for image in test_images()]
     where = resolve_device(device)
-    tops: dict[str, list[tuple[list[float], list[int]]]] = {}
+    tops: dict[str, list[TopK]] = {}
     for candidate in ("fp32", precision):
         classifier = Classifier(spec, where, torch.get_num_threads(), candidate)
         try:
             results = []
             for start in range(0, len(arrays), batch):
-                chunk = [(array, 2) for array in arrays[start : start + batch]]
-                results += classifier.executor.submit(classifier.predict, chunk).result()
+                chunk = [Item(array, 2) for array in arrays[start : start + batch]]
+                results += classifier.predict_blocking(chunk)
             tops[candidate] = results
         finally:
             classifier.close()

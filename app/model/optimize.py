@@ -7,9 +7,10 @@
   proven twice before the rewrite is kept: hooks on a probe forward pass check that each
   BatchNorm reads exactly its convolution's output, and the rewritten model must give the
   original's logits on that probe. Anything unproven is left as it was.
-* ``compile_buckets`` and ``batch_plans``: the batch sizes a ``torch.compile``-d model is
-  compiled for, all during warm-up so that no request ever pays for a compilation, and how each
-  batch size runs as them (padded up, or split), chosen from each size's measured cost.
+* ``compile_buckets``, ``batch_plans`` and ``CompiledBatches``: the batch sizes a
+  ``torch.compile``-d model is compiled for, all during warm-up so that no request ever pays for
+  a compilation, and how each batch size runs as them (padded up, or split), chosen from each
+  size's measured cost.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -177,3 +180,80 @@ def batch_plans(costs: dict[int, float], largest: int) -> dict[int, tuple[int, .
             )
         )
     return {n: tuple(sorted(best[n][1], reverse=True)) for n in range(1, largest + 1)}
+
+
+class CompileError(RuntimeError):
+    """A compiled size did not really compile (dynamo fell back to eager)."""
+
+
+class CompiledBatches:
+    """A ``torch.compile``-d module that only ever runs at the batch sizes it was compiled for.
+
+    ``compile(sizes, forward)`` compiles one graph per size during warm-up (``forward(n)`` runs
+    a pass of ``n`` images through the real serving path and returns its seconds); ``plan`` then
+    chooses, from each size's measured cost, how every batch size runs as them (``batch_plans``).
+    Calling it runs a batch as its plan: each part padded with zero images up to its compiled
+    size and the padding rows dropped. Rows never mix in an eval-mode model, so neither padding
+    nor splitting changes the real images' scores.
+    """
+
+    def __init__(self, module: nn.Module, options: dict[str, Any]) -> None:
+        # dynamic=False: one graph per compiled batch size.
+        self._compiled: Any = torch.compile(module, dynamic=False, options=options)
+        # The compiled sizes, and how each batch size runs as them; both set by ``plan``.
+        self.buckets: tuple[int, ...] = ()
+        self.plans: dict[int, tuple[int, ...]] = {}
+
+    def compile(self, sizes: tuple[int, ...], forward: Callable[[int], float]) -> dict[int, float]:
+        """Compile a graph for each of ``sizes``, refusing a silent fall back to eager; returns
+        the seconds each size took to compile."""
+        from torch._dynamo import config as dynamo_config
+        from torch._dynamo.utils import counters
+
+        # dynamo keeps at most recompile_limit graphs per code object, shared by every model of
+        # the same class, and past it runs eagerly (with a warning): make room for these sizes.
+        dynamo_config.recompile_limit += len(sizes)
+        seconds = {}
+        for size in sizes:
+            graphs = counters["stats"]["unique_graphs"]
+            seconds[size] = forward(size)
+            if counters["stats"]["unique_graphs"] == graphs:
+                raise CompileError(
+                    f"torch.compile made no graph for batches of {size} (see the log); "
+                    "set compile = false"
+                )
+        return seconds
+
+    def plan(self, costs: dict[int, float], largest: int) -> None:
+        """Run every batch size up to ``largest`` as the cheapest mix of the measured sizes."""
+        self.plans = batch_plans(costs, largest)
+        self.buckets = tuple(costs)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        plan = self.plans.get(batch.shape[0])
+        if plan is None:  # during warm-up: compile (or run) this size as it is
+            return self._compiled(batch)
+        parts, start = [], 0
+        for bucket in plan:
+            chunk = batch[start : start + bucket]
+            start += chunk.shape[0]
+            parts.append(self._compiled(padded(chunk, bucket))[: chunk.shape[0]])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def padded(batch: torch.Tensor, bucket: int) -> torch.Tensor:
+    """``batch`` padded with zero images up to ``bucket`` rows, channels_last, with the strides
+    warm-up compiled for (different strides would also recompile)."""
+    _, channels, height, width = batch.shape
+    channels_last = (channels * height * width, 1, width * channels, channels)
+    if batch.shape[0] == bucket and batch.stride() == channels_last:
+        return batch  # the common case: no copy, no allocation
+    staged = torch.empty(
+        (bucket, channels, height, width),
+        dtype=batch.dtype,
+        device=batch.device,
+        memory_format=torch.channels_last,
+    )
+    staged[: batch.shape[0]] = batch
+    staged[batch.shape[0] :] = 0
+    return staged

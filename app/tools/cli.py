@@ -1,4 +1,6 @@
-"""``evalserve`` command line: ``evalserve serve`` (the default) starts the HTTP server."""
+"""The ``evalserve`` command line: ``evalserve serve`` starts the HTTP server; ``evaluate``,
+``predict``, ``bench`` and ``agreement`` are the tools around it. With no command it prints
+help."""
 
 from __future__ import annotations
 
@@ -6,21 +8,23 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
 from pydantic import ValidationError
 
+from app import __version__
 from app.client import DEFAULT_URL
-from app.config import Settings
-from app.repository import ModelConfigError, discover
+from app.config import Settings, UnknownSetting
+from app.model.repository import ModelConfigError, discover
 
 
 def _serve_parser(subparsers: Any) -> None:
     serve = subparsers.add_parser(
         "serve",
-        help="start the HTTP server (the default command)",
+        help="start the HTTP server",
         description="Start the HTTP server. Options override EVALSERVE_* environment variables.",
     )
     serve.add_argument("--host", help="address to bind (EVALSERVE_HOST)")
@@ -120,9 +124,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 def serve(settings: Settings) -> int:
     # Check the repository's files before anything heavy, so a typo fails in one line.
     try:
-        discover(settings.model_repository)
+        specs = discover(settings.model_repository)
     except ModelConfigError as exc:
         print(f"evalserve: cannot start: {exc}", file=sys.stderr)
+        return 2
+    if settings.default_model not in specs:
+        print(
+            f"evalserve: cannot start: the default model {settings.default_model!r} is not in "
+            f"the repository {str(settings.model_repository)!r} (found: {', '.join(specs)})",
+            file=sys.stderr,
+        )
         return 2
     from app.server import run
 
@@ -132,9 +143,9 @@ def serve(settings: Settings) -> int:
 def evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
-    from app import evaluate as ev
     from app.client import Client, EvalserveError
-    from app.repository import load_spec
+    from app.model.repository import load_spec
+    from app.tools import evaluate as ev
 
     model = args.model or settings.default_model
     try:
@@ -198,71 +209,80 @@ def predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def agreement(args: argparse.Namespace, settings: Settings) -> int:
+    from app.tools import agreement
+
+    try:
+        found = agreement.measure(
+            settings.model_repository,
+            args.model or settings.default_model,
+            args.precision,
+            settings.device,
+        )
+    except ModelConfigError as exc:
+        print(f"evalserve agreement: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(asdict(found), indent=2))
+    else:
+        print(
+            f"{found.model} {found.precision} vs fp32 on {found.device}: top-1 agreement "
+            f"{found.top1_agreement:.2%} over {found.images} images (95% interval "
+            f"{found.top1_agreement_95ci[0]:.2%} to {found.top1_agreement_95ci[1]:.2%}); "
+            f"largest top-1 score change {found.max_top1_score_change:.4f}; every flip had "
+            f"fp32's top two classes within {found.largest_flipped_margin:.4f}"
+        )
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from app.tools import bench
+
+    result = bench.run(
+        model=args.model,
+        url=args.url,
+        concurrency=args.concurrency,
+        seconds=args.seconds,
+        out=args.out,
+        precision=args.precision,
+        compile=args.compile,
+        api_key=args.api_key,
+    )
+    print(bench.format_result(result))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="evalserve", description="Inference REST microservice for PyTorch image classifiers."
+        prog="evalserve",
+        description="Inference REST microservice for PyTorch image classifiers. "
+        "`evalserve serve` starts the server; settings come from EVALSERVE_* environment "
+        "variables (see the README).",
     )
-    subparsers = parser.add_subparsers(dest="command")
+    parser.add_argument("--version", action="version", version=f"evalserve {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(subparsers)
     _evaluate_parser(subparsers)
     _predict_parser(subparsers)
     _bench_parser(subparsers)
     _agreement_parser(subparsers)
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    if not arguments or (arguments[0].startswith("-") and arguments[0] not in ("-h", "--help")):
-        arguments.insert(0, "serve")  # serving is the default command
-    args = parser.parse_args(arguments)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.command is None:
+        parser.print_help()
+        return 2
     try:
         settings = _settings(args)
+    except UnknownSetting as exc:
+        print(f"evalserve: {exc}", file=sys.stderr)
+        return 2
     except ValidationError as exc:
         print(f"evalserve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    if args.command == "serve":
-        return serve(settings)
-    if args.command == "evaluate":
-        return evaluate(args, settings)
-    if args.command == "predict":
-        return predict(args)
-    if args.command == "agreement":
-        from dataclasses import asdict
-
-        from app import agreement
-
-        try:
-            found = agreement.measure(
-                settings.model_repository,
-                args.model or settings.default_model,
-                args.precision,
-                settings.device,
-            )
-        except ModelConfigError as exc:
-            print(f"evalserve agreement: {exc}", file=sys.stderr)
-            return 2
-        if args.json:
-            print(json.dumps(asdict(found), indent=2))
-        else:
-            print(
-                f"{found.model} {found.precision} vs fp32 on {found.device}: top-1 agreement "
-                f"{found.top1_agreement:.2%} over {found.images} images (95% interval "
-                f"{found.top1_agreement_95ci[0]:.2%} to {found.top1_agreement_95ci[1]:.2%}); "
-                f"largest top-1 score change {found.max_top1_score_change:.4f}; every flip had "
-                f"fp32's top two classes within {found.largest_flipped_margin:.4f}"
-            )
-        return 0
-    if args.command == "bench":
-        from app import bench
-
-        result = bench.run(
-            model=args.model,
-            url=args.url,
-            concurrency=args.concurrency,
-            seconds=args.seconds,
-            out=args.out,
-            precision=args.precision,
-            compile=args.compile,
-            api_key=args.api_key,
-        )
-        print(bench.format_result(result))
-        return 0
-    parser.print_help()
-    return 2
+    commands = {
+        "serve": lambda: serve(settings),
+        "evaluate": lambda: evaluate(args, settings),
+        "predict": lambda: predict(args),
+        "agreement": lambda: agreement(args, settings),
+        "bench": lambda: bench(args),
+    }
+    return commands[args.command]()

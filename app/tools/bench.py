@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,18 +36,17 @@ import numpy as np
 from PIL import Image
 
 from app.config import Settings
+from app.model.repository import Precision, discover
 from app.preprocessing import ImageTransform, load_image
-from app.repository import Precision, discover
-
-PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "motorcycle", "retina", "hubble", "camera")
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+from app.tools import photos
+from app.values import Item, TopK
 
 
 def web_jpegs(size: tuple[int, int] = (500, 375), quality: int = 90) -> list[bytes]:
-    """The repository's test photographs re-encoded as typical web uploads."""
+    """The shipped photographs (app/tools/photos) re-encoded as typical web uploads."""
     images = []
-    for name in PHOTOS:
-        with Image.open(FIXTURES / f"{name}.jpg") as photo:
+    for name in photos.NAMES:
+        with Image.open(photos.path(name)) as photo:
             image = photo.convert("RGB").resize(size, Image.Resampling.LANCZOS)
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=quality)
@@ -81,7 +80,7 @@ class Level:
 
 def measure_limit(settings: Settings, model: str, images: list[bytes], seconds: float) -> Limit:
     """The in-process ceiling: the server's code and threads without HTTP."""
-    from app.runtime import Classifier, resolve_device
+    from app.model.runtime import Classifier, resolve_device
 
     spec = discover(settings.model_repository)[model]
     classifier = Classifier(
@@ -102,8 +101,8 @@ def measure_limit(settings: Settings, model: str, images: list[bytes], seconds: 
         classifier.warm_up(size)
         with ThreadPoolExecutor(settings.decode_threads) as pool:
 
-            def forward(arrays: list[np.ndarray]) -> Any:
-                return classifier.executor.submit(classifier.predict, [(a, top_k) for a in arrays])
+            def forward(arrays: list[np.ndarray]) -> Future[list[TopK]]:
+                return classifier.submit([Item(a, top_k) for a in arrays])
 
             # One image end to end, as a lone client's request sees it (minus HTTP).
             singles = []
@@ -301,7 +300,7 @@ def run(
     limit = measure_limit(settings, model, images, seconds)
     for level in served:
         level.fraction_of_limit = level.images_per_s / limit.images_per_s
-    from app.runtime import resolve_device
+    from app.model.runtime import resolve_device
 
     spec = discover(settings.model_repository)[model]
     result: dict[str, Any] = {

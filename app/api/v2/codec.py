@@ -1,0 +1,208 @@
+"""Open Inference Protocol tensors to images, and probabilities to protocol outputs: pure
+functions over bytes, JSON values and arrays (no HTTP), unit-tested on their own.
+
+Inputs (exactly one tensor per request, recognised by datatype, whatever its name):
+- ``BYTES [N]`` or ``[N, 1]``: encoded images. In JSON, base64 strings; in the binary tensor
+  extension, each element is a 4-byte little-endian length and its bytes.
+- ``UINT8 [N, H, W, C]``: images already resized and cropped to the model's input size.
+- ``FP32 [N, C, H, W]``: tensors the client has also normalised.
+Output ``probabilities`` is ``FP32 [N, classes]``; with ``"classification": k`` among its
+parameters it becomes ``BYTES [N, k]`` of ``"score:index:label"`` (the classification
+extension). Outputs are binary when asked (``binary_data`` per output, or
+``binary_data_output``), JSON otherwise. Every refusal is a ``BadRequest`` naming the problem.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from app.api.errors import BadRequest
+from app.api.inference import Upload
+from app.api.v2.schemas import InferenceRequest, RequestedOutput, Tensor
+from app.values import TopK
+
+OUTPUT = "probabilities"
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
+    """The JSON inference request and the binary data after it (binary tensor extension)."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise BadRequest(f"bad Inference-Header-Content-Length {header_length!r}")
+        head, binary = body[: int(header_length)], body[int(header_length) :]
+    else:
+        head, binary = body, b""
+    try:
+        return InferenceRequest.model_validate_json(head), binary
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "request"
+        raise BadRequest(f"invalid inference request: {where}: {first['msg']}") from None
+
+
+def the_input(request: InferenceRequest, binary: bytes) -> tuple[Tensor, bytes | None]:
+    """The request's one input tensor, and its binary data (None when its data is JSON)."""
+    if len(request.inputs) != 1:
+        raise BadRequest(f"send exactly one input tensor, not {len(request.inputs)}")
+    tensor = request.inputs[0]
+    size = tensor.parameters.get("binary_data_size")
+    if size is not None and (not isinstance(size, int) or size != len(binary)):
+        raise BadRequest(f"input {tensor.name!r}: binary_data_size does not match the body")
+    raw = binary if size is not None else None
+    if raw is None and tensor.data is None:
+        raise BadRequest(f"input {tensor.name!r} has neither data nor binary_data_size")
+    return tensor, raw
+
+
+def image_count(tensor: Tensor) -> int:
+    """How many images the tensor's shape declares (its first dimension)."""
+    shape = tensor.shape
+    if not shape or any(dim < 0 for dim in shape) or shape[0] < 1:
+        raise BadRequest(f"input {tensor.name!r}: shape {shape} must start with a batch size >= 1")
+    return shape[0]
+
+
+def binary_elements(raw: bytes) -> list[bytes]:
+    """BYTES in the binary tensor extension: 4-byte little-endian length, then the bytes."""
+    elements, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise BadRequest("truncated BYTES element length in the binary data")
+        (size,) = struct.unpack_from("<I", raw, at)
+        at += 4
+        if at + size > len(raw):
+            raise BadRequest("a BYTES element is longer than the binary data")
+        elements.append(raw[at : at + size])
+        at += size
+    return elements
+
+
+def _flat(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    flat: list[Any] = []
+    for item in data:
+        flat.extend(_flat(item))
+    return flat
+
+
+def decode_images(
+    tensor: Tensor, raw: bytes | None, input_size: tuple[int, int, int]
+) -> list[Upload]:
+    """The tensor's images as uploads for the shared inference path: encoded bytes for BYTES,
+    arrays ready for the batch for UINT8 and FP32 (checked against the model's ``input_size``,
+    channels first)."""
+    shape, name = tensor.shape, tensor.name
+    count = image_count(tensor)
+    channels, height, width = input_size
+    if tensor.datatype == "BYTES":
+        if shape not in ([count], [count, 1]):
+            raise BadRequest(f"input {name!r}: BYTES images need shape [N] or [N, 1], not {shape}")
+        if raw is not None:
+            elements = binary_elements(raw)
+        else:
+            if tensor.parameters.get("content_type", "base64") != "base64":
+                raise BadRequest(f"input {name!r}: JSON BYTES images must be base64")
+            try:
+                elements = [base64.b64decode(item, validate=True) for item in _flat(tensor.data)]
+            except (binascii.Error, TypeError, ValueError):
+                raise BadRequest(f"input {name!r}: data is not base64-encoded images") from None
+        if len(elements) != count:
+            raise BadRequest(f"input {name!r}: shape says {count} images, data has {len(elements)}")
+        return [(f"{name}[{i}]", data) for i, data in enumerate(elements)]
+    layouts = {
+        "UINT8": ([count, height, width, channels], np.uint8, "<u1"),
+        "FP32": ([count, channels, height, width], np.float32, "<f4"),
+    }
+    if tensor.datatype not in layouts:
+        raise BadRequest(
+            f"input {name!r}: datatype {tensor.datatype} is not supported (BYTES, UINT8, FP32)"
+        )
+    expected, dtype, wire = layouts[tensor.datatype]
+    if shape != expected:
+        raise BadRequest(
+            f"input {name!r}: {tensor.datatype} shape must be {expected} for this model, "
+            f"not {shape}"
+        )
+    try:
+        if raw is not None:
+            array = np.frombuffer(raw, dtype=wire).astype(dtype).reshape(expected)
+        else:
+            array = np.asarray(_flat(tensor.data), dtype=dtype).reshape(expected)
+    except (ValueError, TypeError, OverflowError):
+        raise BadRequest(
+            f"input {name!r}: data does not hold {int(np.prod(expected))} {tensor.datatype} values"
+        ) from None
+    if tensor.datatype == "FP32" and not np.isfinite(array).all():
+        raise BadRequest(f"input {name!r}: FP32 data must be finite")
+    return [(f"{name}[{i}]", np.ascontiguousarray(array[i])) for i in range(count)]
+
+
+def requested_outputs(request: InferenceRequest, classes: int) -> list[RequestedOutput]:
+    """The outputs asked for (``probabilities`` when none is named), checked."""
+    requested = request.outputs or [RequestedOutput(name=OUTPUT)]
+    for output in requested:
+        if output.name != OUTPUT:
+            raise BadRequest(f"unknown output {output.name!r} (this model has {OUTPUT!r})")
+        k = output.parameters.get("classification")
+        if k is not None and (type(k) is not int or not 1 <= k <= classes):
+            raise BadRequest(f"classification must be 1 to {classes}, not {k!r}")
+    return requested
+
+
+def probabilities(results: Sequence[TopK], classes: int) -> np.ndarray:
+    """``[N, classes]`` float32 from each image's top-k (all classes, when k is ``classes``)."""
+    table = np.zeros((len(results), classes), dtype=np.float32)
+    for row, (scores, indices) in enumerate(results):
+        table[row, indices] = scores
+    return table
+
+
+def _binary_of(values: np.ndarray | list[bytes]) -> bytes:
+    if isinstance(values, np.ndarray):
+        return values.astype("<f4").tobytes()
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def encode_response(
+    answer: dict[str, Any],
+    table: np.ndarray,
+    labels: Sequence[str],
+    requested: Sequence[RequestedOutput],
+    all_binary: bool,
+) -> tuple[bytes, bytes]:
+    """The response's JSON head (``answer`` plus its ``outputs``) and the binary data after it
+    (empty when every output is JSON)."""
+    outputs, blobs = [], []
+    for output in requested:
+        k = output.parameters.get("classification")
+        entry: dict[str, Any] = {"name": output.name}
+        if k is not None:
+            order = np.argsort(-table, axis=1, kind="stable")[:, :k]
+            values: np.ndarray | list[bytes] = [
+                f"{table[r, i]:f}:{i}:{labels[i]}".encode()
+                for r in range(len(table))
+                for i in order[r]
+            ]
+            entry.update(datatype="BYTES", shape=[len(table), k])
+        else:
+            values = table
+            entry.update(datatype="FP32", shape=list(table.shape))
+        if output.parameters.get("binary_data", all_binary):
+            blob = _binary_of(values)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif isinstance(values, np.ndarray):
+            entry["data"] = values.flatten().tolist()
+        else:
+            entry["data"] = [v.decode() for v in values]
+        outputs.append(entry)
+    return json.dumps({**answer, "outputs": outputs}).encode(), b"".join(blobs)

@@ -1,0 +1,198 @@
+"""The Open Inference Protocol's routes: health, metadata, readiness and infer. Thin: the codec
+turns tensors into images and probabilities into outputs, ``Inference`` does the rest, as for
+/v1."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import JSONResponse, Response
+
+from app import __version__
+from app.api.deps import ServingDep, not_ready_reason, require_api_key
+from app.api.errors import ModelNotFound
+from app.api.inference import Inference, read_all
+from app.api.v2 import codec
+from app.api.v2.schemas import ProtocolError
+from app.state import ServedModel
+
+HEADER_LENGTH = "inference-header-content-length"
+EXTENSIONS = ["classification", "binary_tensor_data"]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ProtocolError} for code in codes}
+
+
+open_router = APIRouter(prefix="/v2", tags=["v2"], responses=_errors(503))
+router = APIRouter(
+    prefix="/v2",
+    tags=["v2"],
+    dependencies=[Depends(require_api_key)],
+    responses=_errors(400, 401, 403, 404, 503),
+)
+_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON, or with binary outputs the JSON header followed by their bytes.",
+        "content": {
+            "application/json": {},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    **_errors(408, 413, 500, 504),
+}
+
+Name = Annotated[str, Path(description="Model name.")]
+Version = Annotated[str, Path(description="Model version (model.toml's model.version).")]
+
+
+def _served(serving: ServingDep, name: str, version: str | None) -> ServedModel:
+    model = serving.models.get(name)
+    if model is None:
+        raise ModelNotFound(f"model {name!r} is not served (served: {', '.join(serving.models)})")
+    served = model.describe().version
+    if version is not None and version != served:
+        raise ModelNotFound(f"model {name!r} has no version {version!r} (only {served!r})")
+    return model
+
+
+def any_version(serving: ServingDep, name: Name) -> ServedModel:
+    return _served(serving, name, None)
+
+
+def at_version(serving: ServingDep, name: Name, version: Version) -> ServedModel:
+    return _served(serving, name, version)
+
+
+async def _inference_any(
+    request: Request, model: Annotated[ServedModel, Depends(any_version)]
+) -> AsyncIterator[Inference]:
+    async with Inference.open(request, model) as inference:
+        yield inference
+
+
+async def _inference_at(
+    request: Request, model: Annotated[ServedModel, Depends(at_version)]
+) -> AsyncIterator[Inference]:
+    async with Inference.open(request, model) as inference:
+        yield inference
+
+
+AnyVersion = Annotated[ServedModel, Depends(any_version)]
+AtVersion = Annotated[ServedModel, Depends(at_version)]
+
+
+# --- health and metadata ------------------------------------------------------------------
+
+
+@open_router.get("/health/live")
+async def live() -> dict[str, bool]:
+    """200 while the process runs."""
+    return {"live": True}
+
+
+@open_router.get("/health/ready", response_model=None)
+async def ready(request: Request) -> dict[str, bool] | JSONResponse:
+    """200 when every model is loaded and warm and the server is not draining; 503 otherwise."""
+    reason = not_ready_reason(request)
+    if reason is not None:
+        return JSONResponse({"error": f"the server is not ready ({reason})"}, status_code=503)
+    return {"ready": True}
+
+
+@open_router.get("")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "evalserve", "version": __version__, "extensions": EXTENSIONS}
+
+
+def _metadata(model: ServedModel) -> dict[str, Any]:
+    facts = model.describe()
+    channels, height, width = facts.input_size
+    return {
+        "name": facts.name,
+        "versions": [facts.version],
+        "platform": f"evalserve_{facts.source}",
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [-1]},
+            {"name": "image_uint8", "datatype": "UINT8", "shape": [-1, height, width, channels]},
+            {"name": "input_fp32", "datatype": "FP32", "shape": [-1, channels, height, width]},
+        ],
+        "outputs": [
+            {"name": codec.OUTPUT, "datatype": "FP32", "shape": [-1, len(facts.labels)]},
+        ],
+        "parameters": {
+            "inputs": "send exactly one of the inputs; it is recognised by its datatype",
+        },
+    }
+
+
+@router.get("/models/{name}")
+async def model_metadata(model: AnyVersion) -> dict[str, Any]:
+    return _metadata(model)
+
+
+@router.get("/models/{name}/versions/{version}")
+async def model_version_metadata(model: AtVersion) -> dict[str, Any]:
+    return _metadata(model)
+
+
+def _model_ready(request: Request, model: ServedModel) -> Response:
+    reason = not_ready_reason(request)
+    if reason is not None:
+        return JSONResponse(
+            {"error": f"model {model.name!r} is not ready ({reason})"}, status_code=503
+        )
+    return JSONResponse({"name": model.name, "ready": True})
+
+
+@router.get("/models/{name}/ready")
+async def model_ready(request: Request, model: AnyVersion) -> Response:
+    return _model_ready(request, model)
+
+
+@router.get("/models/{name}/versions/{version}/ready")
+async def model_version_ready(request: Request, model: AtVersion) -> Response:
+    return _model_ready(request, model)
+
+
+# --- infer --------------------------------------------------------------------------------
+
+
+@router.post("/models/{name}/infer", responses=_INFER_RESPONSES)
+async def infer(call: Annotated[Inference, Depends(_inference_any)]) -> Response:
+    return await _infer(call)
+
+
+@router.post("/models/{name}/versions/{version}/infer", responses=_INFER_RESPONSES)
+async def infer_version(call: Annotated[Inference, Depends(_inference_at)]) -> Response:
+    return await _infer(call)
+
+
+async def _infer(call: Inference) -> Response:
+    body = await call.read_body(read_all)
+    inference, binary = codec.split_body(body, call.request.headers.get(HEADER_LENGTH))
+    tensor, raw = codec.the_input(inference, binary)
+    call.expect(codec.image_count(tensor))  # before decoding anything
+    facts = call.model.describe()
+    uploads = codec.decode_images(tensor, raw, facts.input_size)
+    requested = codec.requested_outputs(inference, len(facts.labels))
+    results = await call.classify(uploads, len(facts.labels))
+    answer: dict[str, Any] = {"model_name": facts.name, "model_version": facts.version}
+    if inference.id is not None:
+        answer["id"] = inference.id
+    head, blobs = codec.encode_response(
+        answer,
+        codec.probabilities(results, len(facts.labels)),
+        facts.labels,
+        requested,
+        bool(inference.parameters.get("binary_data_output", False)),
+    )
+    if not blobs:
+        return Response(head, media_type="application/json")
+    return Response(
+        head + blobs,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )

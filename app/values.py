@@ -1,0 +1,73 @@
+"""Plain values that cross between the layers: torch-free, so the HTTP side and the batcher may
+import them without importing the model runtime (import-linter checks this; see pyproject.toml).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+
+class Item(NamedTuple):
+    """One image's input to a batch, and how many classes it wants back.
+
+    ``array`` is uint8 ``(H, W, C)`` at the model's input size, or float32 ``(C, H, W)`` that the
+    client already normalised (the /v2 protocol allows both, even in one batch)."""
+
+    array: np.ndarray
+    top_k: int
+
+
+class TopK(NamedTuple):
+    """One image's answer: its top-k softmax scores and class indices, best first."""
+
+    scores: list[float]
+    indices: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class PreprocessingFacts:
+    resize: int | None
+    crop: int
+    interpolation: str
+    color_mode: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """What a loaded model is, as plain values: what the API reports about it."""
+
+    name: str
+    version: str
+    source: str
+    architecture: str | None
+    labels: tuple[str, ...]
+    input_size: tuple[int, int, int]
+    device: str
+    dtype: str
+    compiled_batch_sizes: tuple[int, ...]
+    folded_batchnorms: int
+    preprocessing: PreprocessingFacts
+
+
+class Runner(Protocol):
+    """A loaded model as the serving side sees it (``app.model.runtime.Classifier``)."""
+
+    @property
+    def executor(self) -> Executor:
+        """The one worker thread every forward pass of this model runs in."""
+
+    def predict(self, items: list[Item]) -> list[TopK]:
+        """Top-k of a batch; call only in ``executor``."""
+
+    def submit(self, items: list[Item]) -> Future[list[TopK]]:
+        """``predict`` in the worker thread."""
+
+    def describe(self) -> ModelFacts: ...
+
+    def close(self) -> None: ...
