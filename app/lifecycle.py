@@ -39,10 +39,12 @@ class Lifecycle:
         self._on_failure.append(listener)
 
     def fail(self, reason: str) -> None:
-        """Something the server cannot recover from: turn not-ready, stop, exit non-zero."""
+        """Something the server cannot recover from: turn not-ready, take no new work, and have
+        the listeners stop the server (which then exits non-zero)."""
         if self.failure is not None:
             return
         self.failure = reason
+        self.draining = True
         logger.critical("evalserve cannot go on serving: %s", reason)
         for listener in self._on_failure:
             listener(reason)

@@ -21,7 +21,7 @@ from prometheus_client import (
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-REJECT_REASONS = ("queue_full", "timeout", "bad_image", "too_large")
+REJECT_REASONS = ("queue_full", "timeout", "bad_image", "too_large", "batch_failed")
 
 
 class Metrics:
@@ -72,7 +72,8 @@ class Metrics:
         )
         self.rejected = Counter(
             "evalserve_images_rejected",
-            "Images refused or dropped, by reason: queue_full, timeout, bad_image, too_large.",
+            "Images refused or dropped, by reason: queue_full, timeout, bad_image, too_large, "
+            "batch_failed (their forward pass raised).",
             ["model", "reason"],
             registry=r,
         )
@@ -111,6 +112,7 @@ class Metrics:
 
     def batch_failed(self, model: str, size: int) -> None:
         self.failed_batches.labels(model).inc()
+        self.rejected.labels(model, "batch_failed").inc(size)
 
     def observer(self, model: str) -> ModelObserver:
         return ModelObserver(self, model)

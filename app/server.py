@@ -73,11 +73,10 @@ class DrainingServer(uvicorn.Server):
     def fail(self, reason: str) -> None:
         """The lifecycle failed (a batch loop died): drain what can still be answered, then
         stop; ``run`` exits 1 so the process manager restarts the server."""
-        if self._loop is None or self._lifecycle.draining:
+        if self._loop is None:
             self.should_exit = True
-            return
-        self._lifecycle.draining = True
-        self._loop.call_soon_threadsafe(self._start_drain)
+        elif self._drain_task is None:  # else a SIGTERM's drain is already under way
+            self._loop.call_soon_threadsafe(self._start_drain)
 
     def _start_drain(self) -> None:
         self._drain_task = asyncio.get_running_loop().create_task(self._drain())

@@ -123,9 +123,11 @@ def live_server(**overrides: Any) -> Iterator[tuple[str, FastAPI]]:
 
 class ServerProcess:
     """``python -m app serve`` in a subprocess on a free port of 127.0.0.1. Its output goes to a
-    file, not a pipe: a pipe nobody reads fills up with access-log lines and stalls the server."""
+    file, not a pipe: a pipe nobody reads fills up with access-log lines and stalls the server.
+    ``launcher``, a Python file that ends by calling ``app.tools.cli.main(sys.argv[1:])``, runs
+    instead of ``-m app`` (to start a server with a fault injected first)."""
 
-    def __init__(self, log: Path, *args: str, **env: str) -> None:
+    def __init__(self, log: Path, *args: str, launcher: Path | None = None, **env: str) -> None:
         import os
         import socket
         import subprocess
@@ -136,7 +138,8 @@ class ServerProcess:
             self.port: int = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1"]
+        program = [str(launcher)] if launcher is not None else ["-m", "app"]
+        command = [sys.executable, *program, "serve", "--host", "127.0.0.1"]
         with log.open("wb") as out:
             self.process = subprocess.Popen(
                 [*command, "--port", str(self.port), *args],

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -199,3 +200,63 @@ def test_unexpected_error_is_logged_once_and_hidden_from_the_client(
     with_traceback = [r for r in caplog.records if r.exc_info]
     assert len(with_traceback) == 1
     assert getattr(with_traceback[0], "request_id", None) == "boom-1"
+
+
+def test_a_failed_batch_counts_each_of_its_images() -> None:
+    """evalserve_images_rejected_total{reason="batch_failed"} counts images, not batches."""
+    with TestClient(create_app(make_settings())) as client:
+        module = client.app.state.serving.default_model.classifier.module  # type: ignore[attr-defined]
+        failing = module.register_forward_pre_hook(_raise_injected)
+        try:
+            files = [
+                ("file", ("a.jpg", photo("chelsea.jpg"))),
+                ("file", ("b.jpg", photo("coffee.jpg"))),
+            ]
+            assert client.post("/v1/predict", files=files).status_code == 500
+        finally:
+            failing.remove()
+        assert client.post("/v1/predict", files={"file": photo("chelsea.jpg")}).status_code == 200
+        text = client.get("/metrics").text
+    model = {"model": "efficientnet_lite0"}
+    assert metric(text, "evalserve_failed_batches_total", **model) == 1
+    assert metric(text, "evalserve_images_rejected_total", **model, reason="batch_failed") == 2
+    assert metric(text, "evalserve_images_processed_total", **model) == 1
+
+
+def _raise_injected(*_: object) -> None:
+    raise RuntimeError("injected forward-pass failure")
+
+
+def test_a_dead_batch_loop_turns_readiness_503_and_answers_at_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The defect: an observer raising killed the batch loop silently; readiness stayed 200 and
+    every later request waited out its timeout. Here the loop's guard itself is broken, so the
+    loop dies after its first batch, as it did then."""
+    from app.batching import Batcher
+
+    def broken_notify(self: Batcher[object, object], event: str, *args: object) -> None:
+        raise RuntimeError(f"injected: the observer's {event} raised")
+
+    monkeypatch.setattr(Batcher, "_notify", broken_notify)
+    with TestClient(create_app(make_settings(request_timeout_s=60))) as client:
+        lifecycle = client.app.state.lifecycle  # type: ignore[attr-defined]
+        assert client.get("/health/ready").status_code == 200
+        first = client.post("/v1/predict", files={"file": photo("chelsea.jpg")})
+        assert first.status_code == 200  # answered before the observer was told
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["error"]["code"] == "failed"
+        assert client.get("/v2/health/ready").status_code == 503
+        began = time.monotonic()
+        later = client.post("/v1/predict", files={"file": photo("chelsea.jpg")})
+        assert later.status_code == 503 and later.headers["Retry-After"] == "1"
+        assert time.monotonic() - began < 30  # at once, not after the 60 s request timeout
+        # The server is on its way out: the other model takes no new work either.
+        other = client.post("/v1/models/digits/predict", files={"file": photo("chelsea.jpg")})
+        assert other.status_code == 503
+        text = client.get("/metrics").text
+    assert lifecycle.failure is not None and "efficientnet_lite0" in lifecycle.failure
+    assert metric(text, "evalserve_model_ready", model="efficientnet_lite0") == 0
+    [death] = [r for r in caplog.records if r.name == "evalserve.batching"]
+    assert "the batch loop died" in death.getMessage() and death.exc_info is not None

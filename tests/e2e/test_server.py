@@ -167,5 +167,88 @@ def test_weights_that_do_not_load_stop_the_server(tmp_path: Path) -> None:
     repo = broken_repository(tmp_path)
     torch.save({"features.0.weight": torch.zeros(1)}, repo / "broken" / "weights.pth")
     code, output = run_to_exit(tmp_path / "log", {"EVALSERVE_MODEL_REPOSITORY": str(repo)})
-    assert code != 0
-    assert "model 'broken': weights do not fit the architecture" in output
+    assert code == 3
+    [line] = [line for line in output.splitlines() if "cannot start" in line]
+    assert "model 'broken': weights do not fit the architecture" in line
+    # One message, not the 60-line traceback uvicorn used to print after it.
+    assert "Traceback" not in output
+    assert len([line for line in output.splitlines() if " ERROR " in line]) <= 2, output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_stops_with_one_line(tmp_path: Path) -> None:
+    code, output = run_to_exit(tmp_path / "log", {"EVALSERVE_DEVICE": "cuda"})
+    assert code == 3
+    assert "cannot start: model" in output and "CUDA is not available" in output
+    assert "Traceback" not in output
+
+
+def test_a_taken_port_fails_at_once_before_any_model_loads(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with (tmp_path / "log").open("wb") as log:
+            result = subprocess.run(
+                [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=120,
+                check=False,
+            )
+    output = (tmp_path / "log").read_text()
+    assert result.returncode == 2, output
+    assert f"cannot start: cannot listen on 127.0.0.1:{port}" in output
+    assert "loading model" not in output and "Traceback" not in output
+
+
+def test_version_and_help_instead_of_a_server() -> None:
+    version = subprocess.run(
+        [sys.executable, "-m", "app", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert version.returncode == 0 and version.stdout.strip().startswith("evalserve ")
+    bare = subprocess.run([sys.executable, "-m", "app"], capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 2
+    assert "usage: evalserve" in bare.stdout and "serve" in bare.stdout
+    assert "loading model" not in bare.stdout + bare.stderr
+
+
+def test_a_misspelt_setting_refuses_to_start_naming_the_right_one(tmp_path: Path) -> None:
+    code, output = run_to_exit(tmp_path / "log", {"EVALSERVE_MAX_BATCH": "4"})
+    assert code == 2
+    assert "EVALSERVE_MAX_BATCH (did you mean EVALSERVE_MAX_BATCH_SIZE?)" in output
+    assert "loading model" not in output
+
+
+def test_a_dead_batch_loop_stops_the_server_with_exit_1(tmp_path: Path) -> None:
+    """The batch loop dies after its first batch (its observer call is broken on purpose): the
+    request in hand is answered, readiness turns 503, and the process exits 1 so that Docker or
+    Kubernetes restarts it, instead of staying "ready" with every request timing out."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import sys\n"
+        "from app.batching import Batcher\n"
+        "def broken(self, event, *args):\n"
+        "    raise RuntimeError('injected: the observer raised')\n"
+        "Batcher._notify = broken\n"
+        "from app.tools.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    server = ServerProcess(tmp_path / "log", launcher=launcher, EVALSERVE_DRAIN_DELAY_S="0")
+    try:
+        server.wait_ready()
+        answered = httpx.post(
+            f"{server.url}/v1/models/digits/predict",
+            files={"file": photo("chelsea.jpg")},
+            timeout=30,
+        )
+        assert answered.status_code == 200
+        code = server.wait_exit(timeout=60)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+    output = server.output()
+    assert code == 1, output
+    assert "digits: the batch loop died" in output
+    assert "RuntimeError: injected: the observer raised" in output  # with its traceback

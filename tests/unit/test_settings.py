@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 from support import ROOT
 
-from app.config import Settings
+from app.config import Settings, UnknownSetting, check_environment
 
 
 def test_defaults_are_the_documented_ones() -> None:
@@ -59,3 +59,28 @@ def test_readme_configuration_table_lists_every_setting_with_its_default() -> No
         assert variable in rows, f"{variable} is missing from the README's table"
         shown = "unset" if field.default is None else f"`{field.default}`"
         assert rows[variable] == shown, f"{variable}: README says {rows[variable]}"
+
+
+def test_a_misspelt_variable_is_refused_naming_the_closest_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EVALSERVE_MAX_BATCH", "4")  # EVALSERVE_MAX_BATCH_SIZE was meant
+    monkeypatch.setenv("evalserve_drain_timout_s", "9")  # lower case is read too
+    with pytest.raises(UnknownSetting) as refused:
+        Settings()
+    message = str(refused.value)
+    assert "EVALSERVE_MAX_BATCH (did you mean EVALSERVE_MAX_BATCH_SIZE?)" in message
+    assert "evalserve_drain_timout_s (did you mean EVALSERVE_DRAIN_TIMEOUT_S?)" in message
+
+
+def test_a_variable_like_no_setting_is_refused_without_a_guess(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EVALSERVE_XYZZY", "1")
+    with pytest.raises(UnknownSetting, match=r"EVALSERVE_XYZZY: every EVALSERVE_\* variable"):
+        Settings()
+
+
+def test_every_setting_is_a_known_variable() -> None:
+    environment = {f"EVALSERVE_{name.upper()}": "" for name in Settings.model_fields}
+    check_environment({**environment, "PATH": "/bin", "EVALSERVEX": "not ours"})
