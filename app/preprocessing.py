@@ -12,11 +12,54 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
-# Formats a client may send. Pillow would open more (e.g. PSD, EPS); a server should not.
-# (Multi-picture JPEGs from phones open through the JPEG plugin.)
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# Still-image formats a client may send, each with the Pillow feature its decoder needs (None:
+# pure Python, or a plugin that registers itself only where it works). Pillow would open more
+# (e.g. PSD, EPS); a server should not. (Multi-picture JPEGs from phones open through the JPEG
+# plugin.) AVIF needs a Pillow built with libavif (the wheels are); HEIF/HEIC needs a plugin such
+# as pillow-heif, which evalserve does not depend on but registers where it is installed.
+STILL_FORMATS: dict[str, str | None] = {
+    "JPEG": "jpg",
+    "PNG": "zlib",
+    "WEBP": "webp",
+    "BMP": None,
+    "GIF": None,
+    "TIFF": None,
+    "AVIF": "avif",
+    "HEIF": None,
+}
+_SPELLING = {"WEBP": "WebP"}
+
+
+def _register_heif_plugin() -> None:
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener()
+
+
+def _decodable(formats: dict[str, str | None]) -> tuple[str, ...]:
+    """The formats this Pillow has a working decoder for, in the order given."""
+    _register_heif_plugin()
+    Image.init()
+    return tuple(
+        name
+        for name, feature in formats.items()
+        if name in Image.OPEN and (feature is None or features.check(feature))
+    )
+
+
+def _either(names: tuple[str, ...]) -> str:
+    spelled = [_SPELLING.get(name, name) for name in names]
+    return spelled[0] if len(spelled) == 1 else f"{', '.join(spelled[:-1])} or {spelled[-1]}"
+
+
+# Computed once: the plugins a Pillow install has do not change while it runs. An install
+# without libavif still serves, and its refusals name what it does accept.
+ALLOWED_FORMATS = _decodable(STILL_FORMATS)
+UNSUPPORTED_MESSAGE = f"not a supported image ({_either(ALLOWED_FORMATS)} expected)"
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -83,9 +126,7 @@ def decode(
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(name, f"the image has too many pixels ({exc})") from exc
     except UnidentifiedImageError as exc:
-        raise BadImage(
-            name, "not a supported image (JPEG, PNG, WebP, BMP, GIF or TIFF expected)"
-        ) from exc
+        raise BadImage(name, UNSUPPORTED_MESSAGE) from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise BadImage(name, f"the image header is corrupt ({exc})") from exc
     width, height = image.size

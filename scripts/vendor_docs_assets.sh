@@ -18,4 +18,10 @@ mkdir -p "$OUT/swagger-ui" "$OUT/redoc"
 cp swagger/package/{swagger-ui-bundle.js,swagger-ui.css,LICENSE,NOTICE} "$OUT/swagger-ui/"
 cp redoc/package/bundles/redoc.standalone.js redoc/package/bundles/redoc.standalone.js.LICENSE.txt \
    redoc/package/LICENSE "$OUT/redoc/"
+# ReDoc draws Redocly's logo from cdn.redoc.ly in its sidebar, with no option to turn it off:
+# an offline page must not reach out, so the logo becomes an empty inline image (the
+# "API docs by Redocly" credit stays).
+sed -i 's|src:"https://cdn.redoc.ly/redoc/logo-mini.svg"|src:"data:image/svg+xml,%3Csvg xmlns=%22http://www.w3.org/2000/svg%22/%3E"|' \
+  "$OUT/redoc/redoc.standalone.js"
+grep -q 'cdn.redoc.ly' "$OUT/redoc/redoc.standalone.js" && { echo "ReDoc still loads from cdn.redoc.ly" >&2; exit 1; }
 echo "swagger-ui-dist $SWAGGER and redoc $REDOC in $OUT"

@@ -38,6 +38,10 @@ RAW_IMAGE_TYPES = frozenset(
         "image/x-ms-bmp",
         "image/gif",
         "image/tiff",
+        # Accepted whatever this Pillow decodes: one that cannot is a 400 naming what it can.
+        "image/avif",
+        "image/heic",
+        "image/heif",
         "application/octet-stream",
     }
 )

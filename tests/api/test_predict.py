@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
+from PIL import Image, features
 from support import (
     CAT_CLASSES,
     COFFEE_CLASSES,
@@ -24,6 +24,7 @@ from torchvision import transforms
 from app.main import create_app
 from app.model.repository import load_spec
 from app.model.runtime import build_module
+from app.preprocessing import ALLOWED_FORMATS
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,51 @@ def test_raw_image_body_is_accepted(client: TestClient) -> None:
     body = response.json()
     assert body["predictions"][0]["file"] == "body"
     assert top_labels(body)[0] in CAT_CLASSES
+
+
+def avif_of(data: bytes) -> bytes:
+    """The photo re-encoded as AVIF by Pillow; skips where this Pillow cannot write AVIF."""
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no libavif, so it cannot write an AVIF photo to send")
+    buffer = io.BytesIO()
+    with Image.open(io.BytesIO(data)) as image:
+        image.save(buffer, "AVIF", quality=80)
+    avif = buffer.getvalue()
+    assert avif[4:12] == b"ftypavif"
+    return avif
+
+
+@pytest.mark.parametrize("how", ["multipart", "raw-body"])
+def test_avif_photo_of_chelsea_is_classified_as_a_cat(client: TestClient, how: str) -> None:
+    data = avif_of(photo("chelsea.jpg"))
+    if how == "multipart":
+        response = client.post("/v1/predict", files={"file": ("chelsea.avif", data, "image/avif")})
+    else:
+        response = client.post("/v1/predict", content=data, headers={"Content-Type": "image/avif"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["predictions"][0]["file"] == ("chelsea.avif" if how == "multipart" else "body")
+    assert top_labels(body)[0] in CAT_CLASSES
+
+
+# The start of an iPhone photo: an ISO-BMFF 'ftyp' box with the HEVC still-image brands.
+HEIC_START = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
+
+
+@pytest.mark.parametrize("content_type", ["image/heic", "image/heif"])
+def test_heic_body_this_pillow_cannot_decode_is_400_naming_the_accepted_formats(
+    client: TestClient, content_type: str
+) -> None:
+    if "HEIF" in ALLOWED_FORMATS:
+        pytest.skip("a HEIF plugin (pillow-heif) is registered here, so HEIC is accepted")
+    response = client.post(
+        "/v1/predict", content=HEIC_START, headers={"Content-Type": content_type}
+    )
+    error = assert_error(response, 400, "invalid_image")  # accepted as a type, refused as data
+    assert error["message"].startswith("body: not a supported image (JPEG, PNG, WebP, BMP, GIF")
+    assert ("AVIF" in error["message"]) == bool(features.check("avif"))
+    assert "HEIF" not in error["message"]
+    assert_still_serving(client)
 
 
 def test_several_files_come_back_in_upload_order(client: TestClient) -> None:

@@ -85,6 +85,7 @@ def test_cat_photo_gets_a_cat_bar_first(page: Page, server: str, tmp_path: Path)
         assert fill is not None and track is not None and track["width"] > 50
         assert fill["width"] / track["width"] == pytest.approx(max(score, 0.005), abs=0.02)
     expect(card.locator("img")).to_have_attribute("alt", "Preview of chelsea.jpg")  # type: ignore[attr-defined]
+    expect(page.locator("#status")).to_have_text("Classified 1 image.")
     shot = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "ui.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shot), full_page=True)
@@ -103,6 +104,23 @@ def test_two_images_at_once_each_beside_its_own_preview(page: Page) -> None:
     expect(cat.locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
     assert first_label(coffee) in COFFEE_CLASSES
     assert first_label(cat) in CAT_CLASSES
+    expect(page.locator("#status")).to_have_text("Classified 2 images.")
+
+
+def test_summary_counts_a_failed_image_apart_from_the_classified_ones(
+    page: Page, tmp_path: Path
+) -> None:
+    fake = tmp_path / "notes.jpg"
+    fake.write_text("this is not an image")
+    files = [str(fixture("chelsea.jpg")), str(fake), str(fixture("coffee.jpg"))]
+    page.set_input_files("#files", files)
+    expect(page.locator("#status")).to_have_text("Classified 2 of 3 images; 1 failed.")
+    expect(page.locator(".card")).to_have_count(3)
+    expect(page.locator(".card .error:visible")).to_have_count(1)
+    expect(page.locator(".card:has(.bar)")).to_have_count(2)
+    expect(card_for(page, "notes.jpg").locator(".error")).to_contain_text("(400)")  # type: ignore[attr-defined]
+    expect(card_for(page, "chelsea.jpg").locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
+    expect(card_for(page, "coffee.jpg").locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
 
 
 def test_a_text_file_named_jpg_shows_the_servers_error_and_the_next_upload_works(
@@ -117,6 +135,44 @@ def test_a_text_file_named_jpg_shows_the_servers_error_and_the_next_upload_works
     expect(error).to_contain_text("notes.jpg")
     page.set_input_files("#files", str(fixture("coffee.jpg")))
     expect(card_for(page, "coffee.jpg").locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
+
+
+def test_loading_the_page_gets_no_error_response_and_its_icon_is_an_image(
+    browser: Browser, server: str
+) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    responses: list[tuple[int, str]] = []
+    failed: list[str] = []
+    page.on("response", lambda response: responses.append((response.status, response.url)))
+    page.on("requestfailed", lambda request: failed.append(request.url))
+    try:
+        page.goto(server, wait_until="networkidle")
+        expect(page.locator("#model option")).to_have_count(2)
+        icon = page.evaluate("document.querySelector('link[rel~=icon]').href")
+        assert icon == f"{server}/favicon.ico"
+        # The browser itself decodes what the page names as its icon.
+        size = page.evaluate(
+            """async (href) => {
+                const image = new Image();
+                image.src = href;
+                await image.decode();
+                return [image.naturalWidth, image.naturalHeight];
+            }""",
+            icon,
+        )
+        assert size[0] >= 16 and size[1] >= 16, size
+        served = page.request.get(icon)
+        assert served.status == 200
+        assert served.headers["content-type"].startswith("image/")
+        assert [(status, url) for status, url in responses if status >= 400] == []
+        assert failed == []
+        # (Chromium fetches the icon itself, outside the page's own requests: hence the checks
+        # above rather than a /favicon.ico entry here.)
+        loaded = {url.removeprefix(server) for _, url in responses}
+        assert {"/", "/ui/app.js", "/ui/style.css", "/v1/models"} <= loaded
+    finally:
+        context.close()
 
 
 def _dispatch_files(page: Page, event: str, target: str, name: str) -> None:

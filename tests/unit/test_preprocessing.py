@@ -7,19 +7,24 @@ Variants in other formats and modes are encoded in memory from them.
 from __future__ import annotations
 
 import io
+import json
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
-from support import fixture
+from PIL import Image, features
+from support import ROOT, fixture
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from app.model.repository import PreprocessingSection
 from app.preprocessing import (
+    ALLOWED_FORMATS,
+    STILL_FORMATS,
     BadImage,
     ImageTooLarge,
     ImageTransform,
@@ -27,6 +32,8 @@ from app.preprocessing import (
     load_image,
 )
 
+HAS_AVIF = bool(features.check("avif"))
+NO_AVIF = "this Pillow has no AVIF codec (libavif)"
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 MAX_PIXELS = 40_000_000  # the server's default limit
 
@@ -181,7 +188,16 @@ def test_lossless_formats_decode_to_the_original_pixels(fmt):
     assert np.array_equal(np.asarray(decoded.convert("RGB")), np.asarray(original))
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "GIF"], ids=str.lower)
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        "JPEG",
+        "WEBP",
+        "GIF",
+        pytest.param("AVIF", marks=pytest.mark.skipif(not HAS_AVIF, reason=NO_AVIF)),
+    ],
+    ids=str.lower,
+)
 def test_lossy_formats_decode_close_to_the_original(fmt):
     original = photo("chelsea.png")
     data = encode(original, fmt)
@@ -412,6 +428,101 @@ def test_formats_outside_the_allowed_list_are_refused(fmt):
         decode(data, f"chelsea.{fmt.lower()}", MAX_PIXELS)
 
     assert caught.value.name == f"chelsea.{fmt.lower()}"
+
+
+def _psd(image: Image.Image) -> bytes:
+    """An uncompressed 8-bit RGB Photoshop file (Pillow reads PSD but cannot write it)."""
+    pixels = np.asarray(image.convert("RGB"))
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, image.height, image.width, 8, 3)
+    # Empty colour-mode, image-resource and layer sections, then raw planar channel data.
+    planes = b"".join(pixels[:, :, channel].tobytes() for channel in range(3))
+    return header + struct.pack(">IIIH", 0, 0, 0, 0) + planes
+
+
+def _eps(image: Image.Image) -> bytes:
+    """An EPS header Pillow identifies (rendering it would need Ghostscript)."""
+    box = f"%%BoundingBox: 0 0 {image.width} {image.height}"
+    return f"%!PS-Adobe-3.0 EPSF-3.0\n{box}\n%%EndComments\nshowpage\n%%EOF\n".encode()
+
+
+@pytest.mark.parametrize("fmt", ["PSD", "EPS"], ids=str.lower)
+def test_psd_and_eps_that_pillow_opens_are_refused(fmt):
+    data = (_psd if fmt == "PSD" else _eps)(photo("chelsea.jpg").resize((64, 48)))
+    with Image.open(io.BytesIO(data)) as check:  # Pillow itself identifies it
+        assert (check.format, check.size) == (fmt, (64, 48))
+
+    with pytest.raises(BadImage) as caught:
+        decode(data, f"chelsea.{fmt.lower()}", MAX_PIXELS)
+
+    assert caught.value.message.startswith("not a supported image")
+    assert fmt not in ALLOWED_FORMATS
+
+
+@pytest.mark.skipif(not HAS_AVIF, reason=NO_AVIF)
+def test_accepted_formats_name_avif_where_pillow_has_its_codec():
+    assert ALLOWED_FORMATS[:7] == ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF")
+    assert set(ALLOWED_FORMATS) <= set(STILL_FORMATS)
+
+    with pytest.raises(BadImage) as caught:
+        decode(b"these are not pixels\n" * 20, "notes.txt", MAX_PIXELS)
+
+    assert "JPEG, PNG, WebP, BMP, GIF, TIFF" in caught.value.message
+    assert "AVIF" in caught.value.message
+
+
+# Run in a fresh interpreter where Pillow's libavif binding cannot be imported: Pillow then
+# registers its AVIF plugin but cannot decode, as on an install built without libavif.
+_WITHOUT_AVIF = """
+import json, sys
+from pathlib import Path
+sys.modules["PIL._avif"] = None
+from PIL import features
+from app.preprocessing import ALLOWED_FORMATS, BadImage, decode
+avif, jpeg = Path(sys.argv[1]).read_bytes(), Path(sys.argv[2]).read_bytes()
+try:
+    decode(avif, "chelsea.avif", 10**7)
+    refusal = None
+except BadImage as exc:
+    refusal = exc.message
+print(json.dumps({
+    "has_avif": features.check("avif"),
+    "allowed": ALLOWED_FORMATS,
+    "refusal": refusal,
+    "jpeg": decode(jpeg, "chelsea.jpg", 10**7).size,
+}))
+"""
+
+
+@pytest.mark.skipif(not HAS_AVIF, reason=f"{NO_AVIF}: no AVIF file to send")
+def test_without_an_avif_codec_avif_is_refused_naming_what_is_accepted(tmp_path):
+    avif = tmp_path / "chelsea.avif"
+    avif.write_bytes(encode(photo("chelsea.jpg"), "AVIF"))
+
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "error",
+            "-c",
+            _WITHOUT_AVIF,
+            str(avif),
+            str(fixture("chelsea.jpg")),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout)
+    assert seen["has_avif"] is False
+    assert "AVIF" not in seen["allowed"]
+    assert seen["allowed"][:6] == ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
+    assert seen["refusal"] is not None and seen["refusal"].startswith("not a supported image (")
+    assert "JPEG, PNG, WebP, BMP, GIF" in seen["refusal"]
+    assert "AVIF" not in seen["refusal"]
+    assert seen["jpeg"] == [451, 300]  # everything else still decodes
 
 
 def test_image_over_the_pixel_limit_is_refused():

@@ -26,6 +26,17 @@ const results = $("#results");
 const drop = $("#drop");
 const picker = $("#files");
 
+function images(count) {
+  return `${count} image${count === 1 ? "" : "s"}`;
+}
+
+// What happened to one drop, paste or pick: every image is counted once, as classified or failed.
+function summary(succeeded, total) {
+  if (succeeded === total) return `Classified ${images(total)}.`;
+  if (succeeded === 0) return total === 1 ? "The image failed." : `All ${images(total)} failed.`;
+  return `Classified ${succeeded} of ${images(total)}; ${total - succeeded} failed.`;
+}
+
 function headers() {
   const key = sessionStorage.getItem(KEY_STORAGE);
   return key ? { Authorization: `Bearer ${key}` } : {};
@@ -74,7 +85,7 @@ async function loadModels() {
     modelSelect.append(option);
   }
   if (previous && models.some((m) => m.name === previous)) modelSelect.value = previous;
-  statusLine.textContent = `${models.length} model(s) ready.`;
+  statusLine.textContent = `${models.length} model${models.length === 1 ? "" : "s"} ready.`;
   describeModel(models);
 }
 
@@ -112,6 +123,7 @@ function renderBars(list, classes) {
   }
 }
 
+// Resolves to true when the image was classified, false when it failed (the card says why).
 async function classify(file) {
   const card = $("#card").content.firstElementChild.cloneNode(true);
   const image = card.querySelector("img");
@@ -144,15 +156,17 @@ async function classify(file) {
       error.textContent = await errorMessage(response);
       error.hidden = false;
       if (response.status === 401 || response.status === 403) keyField.hidden = false;
-      return;
+      return false;
     }
     const body = await response.json();
     meta.textContent = `${body.model} · ${elapsed} ms`;
     renderBars(bars, body.predictions[0].classes);
+    return true;
   } catch (_) {
     meta.textContent = "";
     error.textContent = "Could not reach the server.";
     error.hidden = false;
+    return false;
   } finally {
     card.removeAttribute("aria-busy");
   }
@@ -161,9 +175,9 @@ async function classify(file) {
 function classifyAll(files) {
   const list = Array.from(files || []);
   if (list.length === 0) return;
-  statusLine.textContent = `Classifying ${list.length} image(s)…`;
-  Promise.all(list.map(classify)).then(() => {
-    statusLine.textContent = `Classified ${list.length} image(s).`;
+  statusLine.textContent = `Classifying ${images(list.length)}…`;
+  Promise.all(list.map(classify)).then((outcomes) => {
+    statusLine.textContent = summary(outcomes.filter(Boolean).length, list.length);
   });
 }
 
