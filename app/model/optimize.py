@@ -232,7 +232,8 @@ class CompiledBatches:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         plan = self.plans.get(batch.shape[0])
         if plan is None:  # during warm-up: compile (or run) this size as it is
-            return self._compiled(batch)
+            logits: torch.Tensor = self._compiled(batch)
+            return logits
         parts, start = [], 0
         for bucket in plan:
             chunk = batch[start : start + bucket]

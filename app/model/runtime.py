@@ -57,7 +57,7 @@ def _compute_dtype(spec: ModelSpec, device: torch.device, precision: Precision) 
         supported = (
             torch.cuda.is_bf16_supported()
             if device.type == "cuda"
-            else torch.backends.mkldnn.is_available()
+            else torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
             and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         )
         if not supported:
@@ -123,7 +123,9 @@ def _load_torchscript(spec: ModelSpec) -> nn.Module:
     )
     with warnings.catch_warnings():  # start-up only, so the global filter swap races nothing
         warnings.filterwarnings("ignore", r".*torch\.jit\.load.* is deprecated", FutureWarning)
-        module: nn.Module = torch.jit.load(str(spec.model_file), map_location="cpu")
+        module: nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]
+            str(spec.model_file), map_location="cpu"
+        )
     return module
 
 
@@ -143,7 +145,8 @@ def _build_architecture(spec: ModelSpec) -> nn.Module:
         raise ModelConfigError(
             spec.name, f"torchvision has no architecture {section.architecture!r}"
         )
-    return torchvision.models.get_model(section.architecture, weights=None, **kwargs)
+    built: nn.Module = torchvision.models.get_model(section.architecture, weights=None, **kwargs)
+    return built
 
 
 def _load_weights(spec: ModelSpec, module: nn.Module) -> None:
