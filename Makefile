@@ -54,6 +54,7 @@ lint: $(TESTING)
 	$(BIN)/ruff check app tests scripts models
 	$(BIN)/ruff format --check app tests scripts models
 	$(BIN)/mypy
+	$(BIN)/mypy tests
 	$(BIN)/lint-imports
 
 test: lint test-tools

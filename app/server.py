@@ -70,7 +70,7 @@ class DrainingServer(uvicorn.Server):
         self._lifecycle.draining = True
         self._loop.call_soon_threadsafe(self._start_drain)
 
-    def fail(self, reason: str) -> None:
+    def fail(self, _reason: str) -> None:
         """The lifecycle failed (a batch loop died): drain what can still be answered, then
         stop; ``run`` exits 1 so the process manager restarts the server."""
         if self._loop is None:

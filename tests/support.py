@@ -14,6 +14,10 @@ from app.config import Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from playwright.sync_api import Browser
+
+    from app.model.runtime import Classifier
+    from app.state import ServedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 # The JPEG photographs ship with evalserve (bench and agreement use them); the PNGs are tests'.
@@ -38,6 +42,14 @@ PHOTOS = [
 def fixture(name: str) -> Path:
     """A committed photograph by file name: ``chelsea.jpg`` (shipped) or ``chelsea.png``."""
     return (PHOTO_DIR if name.endswith(".jpg") else FIXTURES) / name
+
+
+def classifier_of(model: ServedModel) -> Classifier:
+    """The torch side of a served model (the routes only see its plain ``Runner`` face)."""
+    from app.model.runtime import Classifier
+
+    assert isinstance(model.classifier, Classifier)
+    return model.classifier
 
 
 def photo(name: str) -> bytes:
@@ -81,7 +93,8 @@ def digits_trainer():
     name = "evalserve_digits_train"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, MODELS / "digits" / "train.py")
-        assert spec is not None and spec.loader is not None
+        assert spec is not None
+        assert spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -127,7 +140,9 @@ class ServerProcess:
     ``launcher``, a Python file that ends by calling ``app.tools.cli.main(sys.argv[1:])``, runs
     instead of ``-m app`` (to start a server with a fault injected first)."""
 
-    def __init__(self, log: Path, *args: str, launcher: Path | None = None, **env: str) -> None:
+    def __init__(
+        self, log: Path, *args: str, launcher: Path | str | None = None, **env: str
+    ) -> None:
         import os
         import socket
         import subprocess
@@ -220,3 +235,35 @@ def metric(text: str, sample: str, **labels: str) -> float:
     ]
     assert len(found) == 1, f"{sample}{labels}: {found}"
     return found[0]
+
+
+# Debian's Chromium as root in a container with the network closed: no sandbox, no background
+# fetches (each would be refused, many at a time).
+CHROMIUM_ARGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
+@contextmanager
+def chromium(*extra_args: str) -> Iterator[Browser]:
+    """Debian's Chromium driven by Playwright (no browser download: `make test` installs it)."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(executable).exists(), "Debian's chromium is not installed (make test installs it)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=executable, args=[*CHROMIUM_ARGS, *extra_args]
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()

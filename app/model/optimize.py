@@ -101,7 +101,8 @@ def _proven(
 
 def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """conv's weights and bias absorb bn's eval-mode affine map (computed in float64)."""
-    assert bn.running_mean is not None and bn.running_var is not None
+    assert bn.running_mean is not None
+    assert bn.running_var is not None
     scale = torch.rsqrt(bn.running_var.double() + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.double()

@@ -266,7 +266,8 @@ def load_spec(directory: Path) -> ModelSpec:
         if config.weights.file:
             weights_path = _existing_file(name, directory / config.weights.file, "weights file")
         else:
-            assert config.weights.package and config.weights.path  # checked by the validator
+            assert config.weights.package  # both checked by the validator
+            assert config.weights.path
             weights_path = _package_file(name, config.weights.package, config.weights.path)
     model_file = (
         _existing_file(name, directory / config.model.file, "model file")

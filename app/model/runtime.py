@@ -151,7 +151,8 @@ def _build_architecture(spec: ModelSpec) -> nn.Module:
 
 def _load_weights(spec: ModelSpec, module: nn.Module) -> None:
     weights = spec.config.weights
-    assert weights is not None and spec.weights_path is not None
+    assert weights is not None
+    assert spec.weights_path is not None
     try:
         state = torch.load(spec.weights_path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -5,8 +5,9 @@ server's batch size, on the same device and threads, with no HTTP: decode + prep
 batch in the decode pool overlapping the previous batch's forward pass in the model's worker,
 exactly the server's division of labour. The served numbers come from a load generator in this
 process (async httpx, one connection per client, each client sending its next image as soon as
-the last is answered), against a server it starts (or ``--url``). Mean batch sizes come from the
-server's ``/metrics``. Results go to a JSON file and a PNG plot.
+the last is answered), against a server it starts (or ``--url``). Mean batch sizes, and the
+server's own count of the predict requests it answered, come from the server's ``/metrics``.
+Results go to a JSON file and a PNG plot.
 
 This is a benchmark, not a test: its numbers depend on the machine and on what else runs on it.
 Compare ratios within one run.
@@ -19,7 +20,6 @@ import io
 import json
 import os
 import platform
-import re
 import signal
 import socket
 import statistics
@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
 from app.model.repository import Precision, discover
@@ -72,6 +73,10 @@ class Level:
     p90_ms: float
     p99_ms: float
     mean_batch_size: float
+    # Requests the server itself counted on the predict route during the level (any status, any
+    # model): requests + errors, unless one never reached it, went uncounted, or (with --url)
+    # came from another client.
+    server_requests: int
     fraction_of_limit: float = 0.0
     # Distinct transport errors (connection reset or closed without a response), if any; each
     # occurrence is also counted in ``errors``.
@@ -130,13 +135,32 @@ def measure_limit(settings: Settings, model: str, images: list[bytes], seconds: 
     )
 
 
-_SAMPLE = re.compile(r'^evalserve_batch_size_(sum|count)\{model="([^"]+)"\} (\S+)$', re.M)
+# The route template the server's request counter labels the bench's predict requests with.
+PREDICT_ROUTE = "/v1/models/{name}/predict"
 
 
-def batch_totals(url: str, model: str) -> tuple[float, float]:
+@dataclass(frozen=True)
+class ServerTotals:
+    """Running totals from the server's /metrics at one moment."""
+
+    batched_images: float  # evalserve_batch_size_sum of the model
+    batches: float  # evalserve_batch_size_count of the model
+    predict_requests: float  # evalserve_requests_total on PREDICT_ROUTE, POST, every status
+
+
+def server_totals(url: str, model: str) -> ServerTotals:
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    values = {kind: float(v) for kind, name, v in _SAMPLE.findall(text) if name == model}
-    return values.get("sum", 0.0), values.get("count", 0.0)
+    batched_images = batches = predict_requests = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels = sample.name, sample.labels
+            if name == "evalserve_batch_size_sum" and labels.get("model") == model:
+                batched_images += sample.value
+            elif name == "evalserve_batch_size_count" and labels.get("model") == model:
+                batches += sample.value
+            elif name == "evalserve_requests_total" and labels.get("route") == PREDICT_ROUTE:
+                predict_requests += sample.value if labels.get("method") == "POST" else 0.0
+    return ServerTotals(batched_images, batches, predict_requests)
 
 
 async def drive(
@@ -155,7 +179,7 @@ async def drive(
         await asyncio.gather(
             *(client.post(path, content=images[0], headers=headers) for _ in range(clients))
         )
-        before = batch_totals(url, model)
+        before = server_totals(url, model)
         stop_at = time.perf_counter() + seconds
 
         async def one_client(offset: int) -> None:
@@ -181,13 +205,14 @@ async def drive(
         began = time.perf_counter()
         await asyncio.gather(*(one_client(k) for k in range(clients)))
         elapsed = time.perf_counter() - began
-        after = batch_totals(url, model)
+        after = server_totals(url, model)
     ordered = sorted(latencies) or [float("nan")]
 
     def percentile(p: float) -> float:
         return 1000 * ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
-    batches = after[1] - before[1]
+    batches = after.batches - before.batches
+    batched = after.batched_images - before.batched_images
     return Level(
         concurrency=clients,
         requests=len(latencies),
@@ -196,7 +221,8 @@ async def drive(
         p50_ms=percentile(50),
         p90_ms=percentile(90),
         p99_ms=percentile(99),
-        mean_batch_size=(after[0] - before[0]) / batches if batches else 0.0,
+        mean_batch_size=batched / batches if batches else 0.0,
+        server_requests=round(after.predict_requests - before.predict_requests),
         connection_errors=sorted(dropped),
     )
 

@@ -167,7 +167,7 @@ def evaluate_in_process(
     workers: int = 0,
     torch_threads: int | None = None,
     max_image_pixels: int = 40_000_000,
-    progress: Progress = lambda n: None,
+    progress: Progress = lambda _: None,
 ) -> tuple[list[Outcome], float]:
     """Outcomes in ``samples`` order and the seconds the evaluation loop took."""
     import torch.utils.data
@@ -260,7 +260,7 @@ def evaluate_remote(
     *,
     concurrency: int = 8,
     timeout: float = 60.0,
-    progress: Progress = lambda n: None,
+    progress: Progress = lambda _: None,
 ) -> tuple[list[Outcome], float]:
     """Send every image to the server at ``url``; outcomes in ``samples`` order."""
     return asyncio.run(_evaluate_remote(url, model, samples, concurrency, timeout, progress))

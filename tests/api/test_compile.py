@@ -136,8 +136,8 @@ def test_compiling_makes_room_for_its_sizes_and_refuses_a_fall_back_to_eager(
         assert dynamo_config.recompile_limit == 1 + 3
         # A size whose pass makes no new graph (here: one compiled already) is refused rather
         # than served eagerly in silence.
+        assert classifier.compiled is not None
         with pytest.raises(CompileError, match="made no graph for batches of 2"):
-            assert classifier.compiled is not None
             classifier.compiled.compile((2,), forward)
     finally:
         classifier.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,7 +18,8 @@ import torch
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from support import CAT_CLASSES, PHOTOS, make_settings, photo
+from starlette.types import Message
+from support import CAT_CLASSES, PHOTOS, classifier_of, make_settings, photo
 
 from app.main import create_app
 from app.state import ServedModel, Serving
@@ -33,7 +34,7 @@ async def served(**overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Ser
             yield client, app.state.serving
 
 
-def run(test: Callable[[], Awaitable[None]]) -> None:
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(test())
 
 
@@ -71,13 +72,13 @@ def test_every_module_of_a_served_model_is_in_eval_mode() -> None:
     with TestClient(create_app(make_settings())) as client:
         serving: Serving = client.app.state.serving  # type: ignore[attr-defined]
         for model in serving.models.values():
-            modules = list(model.classifier.module.modules())
+            modules = list(classifier_of(model).module.modules())
             assert len(modules) > 10
             assert [m for m in modules if m.training] == []
-            assert all(not p.requires_grad for p in model.classifier.module.parameters())
+            assert all(not p.requires_grad for p in classifier_of(model).module.parameters())
         # The default model's 49 BatchNorms were folded into its convolutions with their
         # running statistics, which fold_batchnorm refuses to do for a model in train mode.
-        default = serving.default_model.classifier
+        default = classifier_of(serving.default_model)
         assert default.folded_batchnorms == 49
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in default.module.modules())
 
@@ -92,14 +93,15 @@ def test_forward_runs_in_inference_mode_in_the_worker_thread() -> None:
 
     with TestClient(create_app(make_settings())) as client:
         model = client.app.state.serving.default_model  # type: ignore[attr-defined]
-        handle = model.classifier.module.register_forward_pre_hook(record)
+        handle = classifier_of(model).module.register_forward_pre_hook(record)
         try:
             response = client.post("/v1/predict", files={"file": photo("chelsea.jpg")})
         finally:
             handle.remove()
         assert response.status_code == 200
         worker = model.classifier.worker_thread_id
-    assert worker is not None and worker != threading.get_ident()
+    assert worker is not None
+    assert worker != threading.get_ident()
     assert seen == [(worker, True, False)]
 
 
@@ -182,7 +184,7 @@ def test_request_past_its_deadline_gets_504_and_is_not_computed() -> None:
 def test_failing_forward_pass_fails_only_its_batch() -> None:
     async def scenario() -> None:
         async with served() as (client, serving):
-            module = serving.default_model.classifier.module
+            module = classifier_of(serving.default_model).module
             calls = {"n": 0}
 
             def fail_once(_module: torch.nn.Module, _inputs: Any) -> None:
@@ -197,7 +199,8 @@ def test_failing_forward_pass_fails_only_its_batch() -> None:
                 error = failed.json()["error"]
                 assert error["code"] == "inference_failed"
                 # No internals reach the client.
-                assert "RuntimeError" not in failed.text and "CUDA" not in failed.text
+                assert "RuntimeError" not in failed.text
+                assert "CUDA" not in failed.text
                 recovered = await predict(client, "chelsea.jpg", top_k=1)
                 assert recovered.status_code == 200
                 assert recovered.json()["predictions"][0]["classes"][0]["label"] in CAT_CLASSES
@@ -223,18 +226,18 @@ def test_client_that_disconnects_has_its_queued_image_dropped() -> None:
 
                 gone = asyncio.Event()
                 body = photo("coffee.jpg")
-                messages: list[dict[str, Any]] = [
+                messages: list[Message] = [
                     {"type": "http.request", "body": body, "more_body": False}
                 ]
-                sent: list[dict[str, Any]] = []
+                sent: list[Message] = []
 
-                async def receive() -> dict[str, Any]:
+                async def receive() -> Message:
                     if messages:
                         return messages.pop(0)
                     await gone.wait()
                     return {"type": "http.disconnect"}
 
-                async def send(message: dict[str, Any]) -> None:
+                async def send(message: Message) -> None:
                     sent.append(message)
 
                 scope = {
@@ -275,7 +278,7 @@ def test_cuda_serving_matches_cpu_scores() -> None:
         async with served(device="cpu") as (cpu_client, _):
             expected = score_vector(await predict(cpu_client, "chelsea.jpg"))
         async with served(device="cuda") as (client, serving):
-            assert str(serving.default_model.classifier.device).startswith("cuda")
+            assert str(classifier_of(serving.default_model).device).startswith("cuda")
             got = score_vector(await predict(client, "chelsea.jpg"))
         # TF32 and different kernels: close, not bit-equal.
         assert torch.allclose(got, expected, atol=1e-3)

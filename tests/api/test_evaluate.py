@@ -45,7 +45,9 @@ def test_readable_report_names_the_accuracies(
     code = main(["evaluate", "--model", "digits", "--device", "cpu", str(digits_test_split)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "top-1 accuracy" in out and "top-5 accuracy" in out and "images/s" in out
+    assert "top-1 accuracy" in out
+    assert "top-5 accuracy" in out
+    assert "images/s" in out
 
 
 def test_folder_names_that_match_no_label_stop_with_a_list_of_them(
@@ -58,7 +60,9 @@ def test_folder_names_that_match_no_label_stop_with_a_list_of_them(
     code = main(["evaluate", "--model", "digits", "--device", "cpu", str(data)])
     err = capsys.readouterr().err
     assert code == 2
-    assert "'cat'" in err and "'four'" in err and "'3'" not in err
+    assert "'cat'" in err
+    assert "'four'" in err
+    assert "'3'" not in err
     assert "match no label" in err
 
 

@@ -38,7 +38,8 @@ def test_the_version_in_model_toml_is_what_v1_and_v2_report(tmp_path: Path) -> N
         assert client.get("/v2/models/digits/versions/3/ready").status_code == 200
         assert client.get("/v2/models/digits/versions/1").status_code == 404
         answer = client.post("/v2/models/digits/versions/3/infer", json=body)
-        assert answer.status_code == 200 and answer.json()["model_version"] == "3"
+        assert answer.status_code == 200
+        assert answer.json()["model_version"] == "3"
         unversioned = client.post("/v2/models/digits/infer", json=body).json()
         assert unversioned["model_version"] == "3"
         assert client.post("/v2/models/digits/versions/1/infer", json=body).status_code == 404

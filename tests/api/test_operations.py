@@ -57,7 +57,9 @@ def test_metrics_match_what_was_sent() -> None:
         # The batch-size histogram saw every batch: 4 singles and the burst (in >= 1 batches).
         assert metric(text, "evalserve_batch_size_count", **model) == batches
         assert metric(text, "evalserve_batch_size_sum", **model) == 12
-        assert metric(text, "evalserve_batch_size_bucket", **model, le="1.0") == 4
+        # The 4 singles are batches of one; the burst may add one too when the machine is busy
+        # (its first image can close a batch before the others are announced): not exactly 4.
+        assert metric(text, "evalserve_batch_size_bucket", **model, le="1.0") >= 4
         assert batches < 12  # the burst was batched
         assert metric(text, "evalserve_queue_time_seconds_count", **model) == 12
         assert metric(text, "evalserve_inference_duration_seconds_count", **model) == batches
@@ -157,11 +159,16 @@ def test_request_id_is_echoed_or_generated(caplog: pytest.LogCaptureFixture) -> 
     assert unsafe.headers["X-Request-ID"] != "bad id\twith spaces"
     lines = [r for r in caplog.records if r.name == "evalserve.access"]
     predict_line = next(r for r in lines if getattr(r, "request_id", None) == "trace-42")
-    assert predict_line.method == "POST" and predict_line.path == "/v1/predict"
-    assert predict_line.status == 200 and predict_line.images == 1
-    assert predict_line.model == "efficientnet_lite0" and predict_line.latency_ms > 0
+    fields = vars(predict_line)  # the access log's extra= fields
+    assert fields["method"] == "POST"
+    assert fields["path"] == "/v1/predict"
+    assert fields["status"] == 200
+    assert fields["images"] == 1
+    assert fields["model"] == "efficientnet_lite0"
+    assert fields["latency_ms"] > 0
     text = predict_line.getMessage()
-    assert '"POST /v1/predict" 200' in text and "request_id=trace-42" in text
+    assert '"POST /v1/predict" 200' in text
+    assert "request_id=trace-42" in text
 
 
 def test_json_log_lines_are_one_object_each(caplog: pytest.LogCaptureFixture) -> None:
@@ -172,8 +179,10 @@ def test_json_log_lines_are_one_object_each(caplog: pytest.LogCaptureFixture) ->
     line = JsonFormatter().format(record)
     assert "\n" not in line
     entry = json.loads(line)
-    assert entry["logger"] == "evalserve.access" and entry["level"] == "info"
-    assert entry["status"] == 200 and entry["images"] == 1
+    assert entry["logger"] == "evalserve.access"
+    assert entry["level"] == "info"
+    assert entry["status"] == 200
+    assert entry["images"] == 1
     assert entry["model"] == "efficientnet_lite0"
     assert len(entry["request_id"]) == 32
 
@@ -195,7 +204,8 @@ def test_unexpected_error_is_logged_once_and_hidden_from_the_client(
     assert response.json() == {
         "error": {"code": "internal_error", "message": "internal server error"}
     }
-    assert "KeyError" not in response.text and "secret" not in response.text
+    assert "KeyError" not in response.text
+    assert "secret" not in response.text
     assert response.headers["X-Request-ID"] == "boom-1"
     with_traceback = [r for r in caplog.records if r.exc_info]
     assert len(with_traceback) == 1
@@ -235,7 +245,7 @@ def test_a_dead_batch_loop_turns_readiness_503_and_answers_at_once(
     loop dies after its first batch, as it did then."""
     from app.batching import Batcher
 
-    def broken_notify(self: Batcher[object, object], event: str, *args: object) -> None:
+    def broken_notify(_self: Batcher[object, object], event: str, *_args: object) -> None:
         raise RuntimeError(f"injected: the observer's {event} raised")
 
     monkeypatch.setattr(Batcher, "_notify", broken_notify)
@@ -250,13 +260,16 @@ def test_a_dead_batch_loop_turns_readiness_503_and_answers_at_once(
         assert client.get("/v2/health/ready").status_code == 503
         began = time.monotonic()
         later = client.post("/v1/predict", files={"file": photo("chelsea.jpg")})
-        assert later.status_code == 503 and later.headers["Retry-After"] == "1"
+        assert later.status_code == 503
+        assert later.headers["Retry-After"] == "1"
         assert time.monotonic() - began < 30  # at once, not after the 60 s request timeout
         # The server is on its way out: the other model takes no new work either.
         other = client.post("/v1/models/digits/predict", files={"file": photo("chelsea.jpg")})
         assert other.status_code == 503
         text = client.get("/metrics").text
-    assert lifecycle.failure is not None and "efficientnet_lite0" in lifecycle.failure
+    assert lifecycle.failure is not None
+    assert "efficientnet_lite0" in lifecycle.failure
     assert metric(text, "evalserve_model_ready", model="efficientnet_lite0") == 0
     [death] = [r for r in caplog.records if r.name == "evalserve.batching"]
-    assert "the batch loop died" in death.getMessage() and death.exc_info is not None
+    assert "the batch loop died" in death.getMessage()
+    assert death.exc_info is not None

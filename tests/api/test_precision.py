@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from support import CAT_CLASSES, MODELS, make_settings, photo
+from support import CAT_CLASSES, MODELS, classifier_of, make_settings, photo
 
 from app.main import create_app
 from app.model.repository import ModelConfigError
@@ -27,7 +27,7 @@ def test_bf16_serves_the_same_top_class_and_reports_its_dtype() -> None:
         assert response.status_code == 200
         assert response.json()["predictions"][0]["classes"][0]["label"] in CAT_CLASSES
         model = client.app.state.serving.default_model  # type: ignore[attr-defined]
-        assert not any(m.training for m in model.classifier.module.modules())
+        assert not any(m.training for m in classifier_of(model).module.modules())
 
 
 def test_fp16_on_the_cpu_stops_start_up_with_a_clear_message() -> None:
@@ -45,7 +45,8 @@ def test_agreement_tool_reports_top1_agreement(capsys: pytest.CaptureFixture[str
     )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["images"] == 448 and result["precision"] == "bf16"
+    assert result["images"] == 448
+    assert result["precision"] == "bf16"
     assert 0.9 <= result["top1_agreement"] <= 1.0
     low, high = result["top1_agreement_95ci"]
     assert low < result["top1_agreement"] <= high <= 1.0

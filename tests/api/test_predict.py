@@ -227,7 +227,8 @@ def test_unknown_route_uses_the_error_shape(client: TestClient) -> None:
     assert_error(client.get("/v9/nothing"), 404, "not_found")
     # Under /v2, the Open Inference Protocol's own shape.
     response = client.get("/v2/nothing")
-    assert response.status_code == 404 and response.json() == {"error": "Not Found"}
+    assert response.status_code == 404
+    assert response.json() == {"error": "Not Found"}
 
 
 # --- bad input: a clear error naming the problem, and the server keeps serving ---------------

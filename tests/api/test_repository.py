@@ -19,8 +19,9 @@ from torch import nn
 from torchvision import transforms
 
 from app.main import create_app
+from app.model.keymaps import KEY_MAPS
 from app.model.repository import ModelConfigError, discover
-from app.model.runtime import Classifier
+from app.model.runtime import Classifier, build_module
 
 TINY_LABELS = ["red", "green", "blue"]
 
@@ -128,7 +129,8 @@ def test_every_model_kind_in_the_repository_is_served(
         assert names == {DEFAULT_MODEL, "tiny_script", "tiny_export", "tiny_vision"}
         for name in ["tiny_script", "tiny_export", "tiny_vision"]:
             info = client.get(f"/v1/models/{name}").json()
-            assert info["num_classes"] == 3 and info["input_size"] == [3, 32, 32]
+            assert info["num_classes"] == 3
+            assert info["input_size"] == [3, 32, 32]
             expected = reference_scores(references[name], "coffee.jpg")
             response = client.post(
                 f"/v1/models/{name}/predict?top_k=3", files={"file": photo("coffee.jpg")}
@@ -237,7 +239,7 @@ def test_labels_that_do_not_match_the_output_stop_start_up(tmp_path: Path) -> No
         ),
         (
             'source = "timm"\narchitecture = "resnet18"',
-            '[weights]\nfile = "model.toml"\nkey_map = "mystery"\n',
+            '[weights]\nfile = "model.toml"\n',
             "cannot read weights",
         ),
     ],
@@ -248,6 +250,30 @@ def test_bad_model_toml_stops_start_up_with_a_clear_message(
     repo = repository_with_default(tmp_path)
     write_model(repo, "broken", model_section, extra)
     fails_with(repo, "model 'broken'", fragment)
+
+
+def test_an_unknown_key_map_stops_start_up_naming_it_and_the_known_ones(tmp_path: Path) -> None:
+    repo = repository_with_default(tmp_path)
+    folder = write_model(
+        repo,
+        "broken",
+        'source = "torchvision"\narchitecture = "squeezenet1_1"',
+        '[weights]\nfile = "weights.pth"\nkey_map = "mystery"\n',
+    )
+    # Real weights for this very architecture: the key map is the only thing wrong.
+    module = torchvision.models.squeezenet1_1(num_classes=len(TINY_LABELS))
+    torch.save(module.state_dict(), folder / "weights.pth")
+    fails_with(
+        repo,
+        "model 'broken'",
+        "unknown weights.key_map 'mystery'",
+        f"(known: {', '.join(KEY_MAPS)})",
+        "efficientnet_pytorch",
+    )
+    # Without the key map the same files load: nothing else was at fault.
+    toml = folder / "model.toml"
+    toml.write_text(toml.read_text().replace('key_map = "mystery"\n', ""))
+    assert isinstance(build_module(discover(repo)["broken"]), nn.Module)
 
 
 def test_unknown_default_model_stops_start_up(tmp_path: Path) -> None:

@@ -44,7 +44,8 @@ def test_client_predicts_a_path_bytes_and_a_pil_image(server: str) -> None:
     with Client(server) as client:
         assert client.health() is True
         by_path = client.predict(fixture("chelsea.jpg"), top_k=3)
-        assert by_path.file == "chelsea.jpg" and len(by_path.classes) == 3
+        assert by_path.file == "chelsea.jpg"
+        assert len(by_path.classes) == 3
         assert by_path.classes[0].label in CAT_CLASSES
         by_bytes = client.predict(photo("coffee.jpg"))
         assert by_bytes.classes[0].label in COFFEE_CLASSES
@@ -120,7 +121,8 @@ def test_client_retries_a_503_after_retry_after() -> None:
         ):
             threading.Timer(0.3, gate.set).start()  # the worker frees up during the wait
             result = client.predict(photo("chelsea.jpg"), top_k=1)
-        assert statuses[0] == 503 and statuses[-1] == 200, statuses
+        assert statuses[0] == 503, statuses
+        assert statuses[-1] == 200, statuses
         assert result.classes[0].label in CAT_CLASSES
 
 
@@ -159,7 +161,8 @@ def test_predict_command_reports_a_bad_file_and_exits_nonzero(
     bad.write_text("not an image")
     assert main(["predict", "--url", server, str(bad), str(fixture("coffee.jpg"))]) == 1
     captured = capsys.readouterr()
-    assert "notes.jpg" in captured.err and "400" in captured.err
+    assert "notes.jpg" in captured.err
+    assert "400" in captured.err
     assert "espresso" in captured.out
 
 
@@ -172,7 +175,8 @@ def test_evaluate_through_the_server_matches_in_process_exactly(
     local = json.loads(capsys.readouterr().out)
     assert main(["evaluate", "--url", server, "--concurrency", "8", *common]) == 0
     remote = json.loads(capsys.readouterr().out)
-    assert remote["source"] == server and local["source"] == "in process"
+    assert remote["source"] == server
+    assert local["source"] == "in process"
     assert remote["evaluated"] == local["evaluated"] == 360
     assert remote["top1"] == local["top1"]
     assert remote["top5"] == local["top5"]

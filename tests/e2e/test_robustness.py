@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import numpy as np
 import pytest
 import requests
@@ -50,6 +51,9 @@ from support import (
 )
 
 from app.main import create_app
+
+# What a test sees: a real client's answer (httpx) or the in-process TestClient's (httpx2).
+Response = httpx.Response | httpx2.Response
 
 pytestmark = pytest.mark.e2e
 
@@ -82,21 +86,24 @@ def client() -> Iterator[TestClient]:
         yield test_client
 
 
-def assert_error_shape(response: httpx.Response) -> dict[str, str]:
+def assert_error_shape(response: Response) -> dict[str, str]:
     body = response.json()
     assert set(body) == {"error"}, body
     error = body["error"]
     if response.request.url.path.startswith("/v2"):
         # The Open Inference Protocol's own shape: {"error": "message"}.
-        assert isinstance(error, str) and error, body
+        assert isinstance(error, str), body
+        assert error, body
         return {"code": "", "message": error}
     assert set(error) == {"code", "message"}, body
-    assert isinstance(error["code"], str) and error["code"], body
-    assert isinstance(error["message"], str) and error["message"], body
+    assert isinstance(error["code"], str), body
+    assert error["code"], body
+    assert isinstance(error["message"], str), body
+    assert error["message"], body
     return error
 
 
-def assert_cat_first(response: httpx.Response) -> None:
+def assert_cat_first(response: Response) -> None:
     assert response.status_code == 200, response.text
     classes = response.json()["predictions"][0]["classes"]
     assert len(classes) == 5
@@ -171,9 +178,7 @@ def api_schema(client: TestClient) -> Any:
 TRANSPORT_KWARGS = {"method", "url", "headers", "params", "cookies", "files", "data", "json"}
 
 
-def send_case(
-    client: TestClient, case: Any, headers: dict[str, str] | None = None
-) -> httpx.Response:
+def send_case(client: TestClient, case: Any, headers: dict[str, str] | None = None) -> Response:
     """Send a generated case through the in-process app, byte for byte as schemathesis would.
 
     schemathesis serialises a case into ``requests`` arguments (multipart included); requests
@@ -194,10 +199,11 @@ def send_case(
     body = prepared.body or b""
     if isinstance(body, str):
         body = body.encode()
-    assert prepared.method is not None and prepared.url is not None
-    return client.request(
-        prepared.method, prepared.url, content=body, headers=dict(prepared.headers)
-    )
+    assert prepared.method is not None
+    assert prepared.url is not None
+    assert isinstance(body, bytes)  # requests prepares files and forms into bytes
+    headers = {k: v if isinstance(v, str) else v.decode() for k, v in prepared.headers.items()}
+    return client.request(prepared.method, prepared.url, content=body, headers=headers)
 
 
 @pytest.mark.parametrize(("method", "path", "model", "mode"), schema_runs())
@@ -261,7 +267,8 @@ def undeclared_refusals(client: TestClient, schema: Any, method: str, path: str)
                 titles = sorted({str(f).strip().splitlines()[0] for f in failures.exceptions})
                 undeclared[f"{method} {path} -> {response.status_code}"] = "; ".join(titles)
         right = send_case(client, case, {"Authorization": f"Bearer {API_KEY}"})
-        assert right.status_code not in {401, 403} and right.status_code < 500, right.text
+        assert right.status_code not in {401, 403}, right.text
+        assert right.status_code < 500, right.text
 
     check()
     return undeclared
@@ -398,7 +405,7 @@ def hostile_corpus() -> list[Hostile]:
     return corpus
 
 
-def assert_hostile_answer(response: httpx.Response, case: Hostile, file: str) -> None:
+def assert_hostile_answer(response: Response, case: Hostile, file: str) -> None:
     assert response.status_code in case.allowed, (
         f"{case.name} ({len(case.data)} bytes) got {response.status_code}: {response.text}"
     )
@@ -410,13 +417,13 @@ def assert_hostile_answer(response: httpx.Response, case: Hostile, file: str) ->
     assert file in error["message"], error
 
 
-def post_raw(client: TestClient, case: Hostile) -> httpx.Response:
+def post_raw(client: TestClient, case: Hostile) -> Response:
     return client.post(
         "/v1/predict", content=case.data, headers={"Content-Type": case.content_type}
     )
 
 
-def post_multipart(client: TestClient, case: Hostile) -> httpx.Response:
+def post_multipart(client: TestClient, case: Hostile) -> Response:
     return client.post("/v1/predict", files={"file": (case.name, case.data, case.content_type)})
 
 
@@ -445,7 +452,8 @@ def test_a_bad_file_among_good_ones_fails_the_request_and_names_the_bad_one(
     )
     assert response.status_code == 400, response.text
     error = assert_error_shape(response)
-    assert error["code"] == "invalid_image" and "half.jpg" in error["message"], error
+    assert error["code"] == "invalid_image", error
+    assert "half.jpg" in error["message"], error
     assert_still_serving(client)
 
 
@@ -512,9 +520,9 @@ def no_resize_repository(root: Path) -> Path:
     for name in (DEFAULT_MODEL, "digits"):
         target = repo / name
         target.mkdir(parents=True)
-        for file in (MODELS / name).iterdir():
-            if file.is_file():
-                (target / file.name).write_bytes(file.read_bytes())
+        for path in (MODELS / name).iterdir():
+            if path.is_file():
+                (target / path.name).write_bytes(path.read_bytes())
     plain = repo / "digits_noresize"
     plain.mkdir()
     for file in ("model.pt2", "labels.txt"):
@@ -643,14 +651,16 @@ def test_overload_is_answered_503_with_retry_after_and_nothing_breaks(tmp_path: 
         ok, overloaded = statuses[200], statuses[503]
         print(f"overload: {ok} x 200, {overloaded} x 503 of {len(responses)}; readiness {ready}")
         assert set(statuses) <= {200, 503}, statuses
-        assert ok > 0 and overloaded > 0, statuses
+        assert ok > 0, statuses
+        assert overloaded > 0, statuses
         for response in responses:
             if response.status_code == 503:
                 assert response.headers.get("Retry-After") == "1", response.headers
                 assert assert_error_shape(response)["code"] == "overloaded"
             else:
                 assert response.json()["predictions"][0]["classes"][0]["label"] in CAT_CLASSES
-        assert ready and set(ready) == {200}, ready
+        assert ready, ready
+        assert set(ready) == {200}, ready
         with httpx.Client(base_url=server.url, timeout=60) as http:
             assert http.get("/health/ready").status_code == 200
             after = http.post("/v1/predict", files={"file": ("cat.jpg", photo("chelsea.jpg"))})

@@ -55,7 +55,8 @@ def test_raw_png_body_over_http(server: ServerProcess) -> None:
     )
     assert response.status_code == 200, response.text
     classes = response.json()["predictions"][0]["classes"]
-    assert len(classes) == 3 and classes[0]["label"] in COFFEE_CLASSES
+    assert len(classes) == 3
+    assert classes[0]["label"] in COFFEE_CLASSES
 
 
 def full_scores(url: str, name: str) -> torch.Tensor:
@@ -84,6 +85,7 @@ def test_bad_uploads_get_clear_errors_and_the_server_keeps_serving(server: Serve
         ({"files": {"file": ("half.jpg", photo("chelsea.jpg")[:5000])}}, 400, "half.jpg"),
     ]
     for kwargs, status, fragment in cases:
+        assert isinstance(kwargs, dict)
         response = httpx.post(f"{server.url}/v1/predict", timeout=30, **kwargs)
         assert response.status_code == status, response.text
         assert fragment in response.json()["error"]["message"]
@@ -134,7 +136,8 @@ def test_console_script_and_module_share_one_cli() -> None:
     result = subprocess.run(
         [script, "serve", "--help"], capture_output=True, text=True, timeout=60, check=False
     )
-    assert result.returncode == 0 and "--model-repository" in result.stdout
+    assert result.returncode == 0
+    assert "--model-repository" in result.stdout
 
 
 def run_to_exit(log: Path, env: dict[str, str]) -> tuple[int, str]:
@@ -179,7 +182,8 @@ def test_weights_that_do_not_load_stop_the_server(tmp_path: Path) -> None:
 def test_cuda_requested_without_cuda_stops_with_one_line(tmp_path: Path) -> None:
     code, output = run_to_exit(tmp_path / "log", {"EVALSERVE_DEVICE": "cuda"})
     assert code == 3
-    assert "cannot start: model" in output and "CUDA is not available" in output
+    assert "cannot start: model" in output
+    assert "CUDA is not available" in output
     assert "Traceback" not in output
 
 
@@ -199,17 +203,20 @@ def test_a_taken_port_fails_at_once_before_any_model_loads(tmp_path: Path) -> No
     output = (tmp_path / "log").read_text()
     assert result.returncode == 2, output
     assert f"cannot start: cannot listen on 127.0.0.1:{port}" in output
-    assert "loading model" not in output and "Traceback" not in output
+    assert "loading model" not in output
+    assert "Traceback" not in output
 
 
 def test_version_and_help_instead_of_a_server() -> None:
     version = subprocess.run(
         [sys.executable, "-m", "app", "--version"], capture_output=True, text=True, timeout=60
     )
-    assert version.returncode == 0 and version.stdout.strip().startswith("evalserve ")
+    assert version.returncode == 0
+    assert version.stdout.strip().startswith("evalserve ")
     bare = subprocess.run([sys.executable, "-m", "app"], capture_output=True, text=True, timeout=60)
     assert bare.returncode == 2
-    assert "usage: evalserve" in bare.stdout and "serve" in bare.stdout
+    assert "usage: evalserve" in bare.stdout
+    assert "serve" in bare.stdout
     assert "loading model" not in bare.stdout + bare.stderr
 
 

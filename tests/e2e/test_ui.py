@@ -5,38 +5,24 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
-from support import CAT_CLASSES, COFFEE_CLASSES, ROOT, fixture, live_server
+from playwright.sync_api import Browser, FileChooser, Page, expect
+from support import CAT_CLASSES, COFFEE_CLASSES, ROOT, chromium, fixture, live_server
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# As root in a container, with the network closed: no sandbox, no background fetches.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 # `make test` saves the README's screenshot here when this is set; otherwise it goes to tmp.
 SCREENSHOT = os.environ.get("UI_SCREENSHOT")
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    assert Path(CHROMIUM).exists(), "Debian's chromium is not installed (make test installs it)"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +31,27 @@ def server() -> Iterator[str]:
         yield url
 
 
+@dataclass
+class Watched:
+    """What the page did, recorded from before it loaded."""
+
+    requests: list[str] = field(default_factory=list)
+    choosers: list[FileChooser] = field(default_factory=list)
+
+
 @pytest.fixture
-def page(browser: Browser, server: str) -> Iterator[Page]:
+def watched() -> Watched:
+    return Watched()
+
+
+@pytest.fixture
+def page(browser: Browser, server: str, watched: Watched) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1100, "height": 800})
     page = context.new_page()
-    page.requests = []  # type: ignore[attr-defined]
     # Registered before the page loads: Playwright turns file-chooser interception on
     # asynchronously, and expect_file_chooser() right before a key press races it (flaky).
-    page.choosers = []  # type: ignore[attr-defined]
-    page.on("filechooser", lambda chooser: page.choosers.append(chooser))  # type: ignore[attr-defined]
-    page.on("request", lambda request: page.requests.append(request.url))  # type: ignore[attr-defined]
+    page.on("filechooser", watched.choosers.append)
+    page.on("request", lambda request: watched.requests.append(request.url))
     page.goto(server)
     expect(page.locator("#model option")).to_have_count(2)
     yield page
@@ -69,7 +66,9 @@ def card_for(page: Page, name: str) -> object:
     return page.locator(".card", has=page.locator("figcaption", has_text=name))
 
 
-def test_cat_photo_gets_a_cat_bar_first(page: Page, server: str, tmp_path: Path) -> None:
+def test_cat_photo_gets_a_cat_bar_first(
+    page: Page, watched: Watched, server: str, tmp_path: Path
+) -> None:
     expect(page.locator("#model")).to_have_value("efficientnet_lite0")
     expect(page.get_by_label("API key")).to_be_hidden()  # no keys configured
     page.set_input_files("#files", str(fixture("chelsea.jpg")))
@@ -82,7 +81,9 @@ def test_cat_photo_gets_a_cat_bar_first(page: Page, server: str, tmp_path: Path)
         score = float(bar.locator(".score").inner_text().rstrip("%")) / 100
         fill = bar.locator(".fill").bounding_box()
         track = bar.locator(".track").bounding_box()
-        assert fill is not None and track is not None and track["width"] > 50
+        assert fill is not None
+        assert track is not None
+        assert track["width"] > 50
         assert fill["width"] / track["width"] == pytest.approx(max(score, 0.005), abs=0.02)
     expect(card.locator("img")).to_have_attribute("alt", "Preview of chelsea.jpg")  # type: ignore[attr-defined]
     expect(page.locator("#status")).to_have_text("Classified 1 image.")
@@ -91,8 +92,8 @@ def test_cat_photo_gets_a_cat_bar_first(page: Page, server: str, tmp_path: Path)
     page.screenshot(path=str(shot), full_page=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Nothing left the server's origin (the preview is a blob: URL of the page itself).
-    assert page.requests  # type: ignore[attr-defined]
-    for url in page.requests:  # type: ignore[attr-defined]
+    assert watched.requests
+    for url in watched.requests:
         assert url.startswith((server + "/", "blob:", "data:")), url
 
 
@@ -161,7 +162,8 @@ def test_loading_the_page_gets_no_error_response_and_its_icon_is_an_image(
             }""",
             icon,
         )
-        assert size[0] >= 16 and size[1] >= 16, size
+        assert size[0] >= 16, size
+        assert size[1] >= 16, size
         served = page.request.get(icon)
         assert served.status == 200
         assert served.headers["content-type"].startswith("image/")
@@ -200,18 +202,20 @@ def test_paste_and_drag_and_drop_classify_too(page: Page) -> None:
     assert first_label(card_for(page, "coffee.jpg")) in COFFEE_CLASSES
 
 
-def test_keyboard_opens_the_file_picker_and_controls_have_labels(page: Page) -> None:
+def test_keyboard_opens_the_file_picker_and_controls_have_labels(
+    page: Page, watched: Watched
+) -> None:
     page.keyboard.press("Tab")  # the model picker
     expect(page.locator("#model")).to_be_focused()
     page.keyboard.press("Tab")  # the "choose files" button in the drop zone
     expect(page.locator("#choose")).to_be_focused()
     page.keyboard.press("Enter")
     for _ in range(50):
-        if page.choosers:  # type: ignore[attr-defined]
+        if watched.choosers:
             break
         page.wait_for_timeout(100)
-    assert page.choosers, "Enter on the button opened no file chooser"  # type: ignore[attr-defined]
-    page.choosers[0].set_files(str(fixture("chelsea.jpg")))  # type: ignore[attr-defined]
+    assert watched.choosers, "Enter on the button opened no file chooser"
+    watched.choosers[0].set_files(str(fixture("chelsea.jpg")))
     expect(card_for(page, "chelsea.jpg").locator(".bar")).to_have_count(5)  # type: ignore[attr-defined]
     expect(page.get_by_label("Model")).to_be_visible()
     expect(page.get_by_role("button", name="choose files")).to_be_visible()

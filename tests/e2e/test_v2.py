@@ -60,14 +60,17 @@ def encoded(*names: str, binary: bool = True) -> triton.InferInput:
 
 
 def test_server_and_model_health_and_metadata(client: triton.InferenceServerClient) -> None:
-    assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready(MODEL) and client.is_model_ready("digits", "1")
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready(MODEL)
+    assert client.is_model_ready("digits", "1")
     assert not client.is_model_ready("no_such_model")
     server = client.get_server_metadata()
     assert server["name"] == "evalserve"
     assert {"classification", "binary_tensor_data"} <= set(server["extensions"])
     metadata = client.get_model_metadata(MODEL)
-    assert metadata["name"] == MODEL and metadata["versions"] == ["1"]
+    assert metadata["name"] == MODEL
+    assert metadata["versions"] == ["1"]
     shapes = {entry["datatype"]: entry["shape"] for entry in metadata["inputs"]}
     assert shapes == {"BYTES": [-1], "UINT8": [-1, 224, 224, 3], "FP32": [-1, 3, 224, 224]}
     assert metadata["outputs"] == [
@@ -89,7 +92,8 @@ def test_encoded_jpeg_gives_the_v1_scores(
     )
     assert result.get_response()["id"] == "req-9"
     probabilities = result.as_numpy("probabilities")
-    assert probabilities.shape == (1, 1000) and probabilities.dtype == np.float32
+    assert probabilities.shape == (1, 1000)
+    assert probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities[0], v1_scores(server, "chelsea.jpg"), atol=1e-6)
     labels = load_spec(MODELS / MODEL).labels
     assert labels[int(probabilities[0].argmax())] in CAT_CLASSES
@@ -105,7 +109,9 @@ def test_classification_extension_returns_labelled_top_k(
         assert classes.shape == (2, 3)
         first = [entry.decode() if isinstance(entry, bytes) else entry for entry in classes[:, 0]]
         score, index, label = first[0].split(":", 2)
-        assert label in CAT_CLASSES and 0 < float(score) < 1 and int(index) in (281, 282, 285)
+        assert label in CAT_CLASSES
+        assert 0 < float(score) < 1
+        assert int(index) in (281, 282, 285)
         assert first[1].split(":", 2)[2] in COFFEE_CLASSES
 
 
@@ -183,10 +189,12 @@ def test_bad_inputs_are_400_with_the_protocols_error_body(
         json={"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]},
     )
     assert response.status_code == 400
-    assert set(response.json()) == {"error"} and "base64" in response.json()["error"]
+    assert set(response.json()) == {"error"}
+    assert "base64" in response.json()["error"]
     assert httpx.post(f"{server}/v2/models/{MODEL}/infer", content=b"{").status_code == 400
     missing = httpx.post(f"{server}/v2/models/nope/infer", json={"inputs": []})
-    assert missing.status_code == 404 and "nope" in missing.json()["error"]
+    assert missing.status_code == 404
+    assert "nope" in missing.json()["error"]
     assert client.infer(MODEL, [encoded("coffee.jpg")]).as_numpy("probabilities").shape == (
         1,
         1000,
@@ -214,9 +222,11 @@ def test_v1_and_v2_requests_share_one_batch() -> None:
                     client.post("/v1/predict", files={"file": photo("chelsea.jpg")}),
                     client.post(f"/v2/models/{MODEL}/infer", json=body),
                 )
-            assert v1.status_code == 200 and v2.status_code == 200, v2.text
+            assert v1.status_code == 200, v2.text
+            assert v2.status_code == 200, v2.text
             assert v2.json()["outputs"][0]["data"][0].split(":", 2)[2] in COFFEE_CLASSES
             stats = app.state.serving.default_model.batcher.stats
-            assert stats.batches == 1 and stats.largest_batch == 2
+            assert stats.batches == 1
+            assert stats.largest_batch == 2
 
     asyncio.run(scenario())

@@ -24,15 +24,17 @@ pytestmark = pytest.mark.e2e
 def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(the evalserve command of a fresh venv holding only the wheel, a working folder)."""
     base = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip"]
+    build = ["wheel", "--no-deps", "--no-build-isolation", "-q", "--wheel-dir", str(base / "dist")]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["--wheel-dir", str(base / "dist"), str(ROOT)],
+        [*pip, *build, str(ROOT)],
         check=True,
         timeout=300,
     )
     [wheel] = (base / "dist").glob("evalserve-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "app/tools/photos/chelsea.jpg" in names and "app/static/favicon.ico" in names
+    assert "app/tools/photos/chelsea.jpg" in names
+    assert "app/static/favicon.ico" in names
     assert not any(name.startswith("tests/") for name in names)
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -41,8 +43,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
     (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python")]
-        + ["install", "--no-deps", "-q", str(wheel)],
+        [*pip, "--python", str(venv / "bin" / "python"), "install", "--no-deps", "-q", str(wheel)],
         check=True,
         timeout=300,
     )
@@ -70,7 +71,8 @@ def test_the_wheel_is_what_runs(installed: tuple[Path, Path]) -> None:
     where = run([str(python), "-c", "import app; print(app.__file__)"], work)
     assert where.stdout.strip().startswith(str(evalserve.parents[1])), where.stdout
     version = run([str(evalserve), "--version"], work)
-    assert version.returncode == 0 and version.stdout.startswith("evalserve ")
+    assert version.returncode == 0
+    assert version.stdout.startswith("evalserve ")
 
 
 def test_bench_runs_from_the_wheel(installed: tuple[Path, Path]) -> None:

@@ -42,7 +42,8 @@ def test_training_is_deterministic() -> None:
 
 def test_the_network_has_dropout_and_batchnorm(net: nn.Module) -> None:
     kinds = {type(m) for m in net.modules()}
-    assert nn.Dropout in kinds and nn.BatchNorm2d in kinds
+    assert nn.Dropout in kinds
+    assert nn.BatchNorm2d in kinds
 
 
 def test_committed_weights_are_small() -> None:

@@ -42,8 +42,10 @@ def test_default_model_folds_every_batchnorm_and_keeps_its_logits() -> None:
     model = build_module(spec).eval()
     before = batchnorms(model)
     folded, count = fold_batchnorm(model, probe(2, 3, 224, 224))
-    assert before == 49 and count == 49
-    assert batchnorms(folded) == 0 and not any(m.training for m in folded.modules())
+    assert before == 49
+    assert count == 49
+    assert batchnorms(folded) == 0
+    assert not any(m.training for m in folded.modules())
     assert batchnorms(model) == 49  # the original is left as it was
     with torch.inference_mode():
         images = photos_batch()
@@ -57,13 +59,16 @@ def test_torchvision_resnet_folds_including_its_downsample_branches() -> None:
     model = torchvision.models.resnet18(num_classes=10)
     for module in model.modules():  # statistics far from the identity, so folding matters
         if isinstance(module, nn.BatchNorm2d):
+            assert module.running_mean is not None
+            assert module.running_var is not None
             module.running_mean.uniform_(-1, 1)
             module.running_var.uniform_(0.5, 2)
             nn.init.uniform_(module.weight, 0.5, 1.5)
             nn.init.uniform_(module.bias, -0.5, 0.5)
     model.eval()
     folded, count = fold_batchnorm(model, probe(2, 3, 64, 64))
-    assert count == 20 and batchnorms(folded) == 0
+    assert count == 20
+    assert batchnorms(folded) == 0
     with torch.inference_mode():
         x = probe(4, 3, 64, 64) * 2
         expected, got = model(x), folded(x)
@@ -78,6 +83,8 @@ class ConvThenNorm(nn.Module):
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
         self.wiring = wiring
+        assert self.bn.running_mean is not None
+        assert self.bn.running_var is not None
         with torch.no_grad():
             self.bn.running_mean.uniform_(-1, 1)
             self.bn.running_var.uniform_(0.5, 2)
@@ -94,7 +101,8 @@ class ConvThenNorm(nn.Module):
 def test_a_plain_conv_then_batchnorm_is_folded() -> None:
     model = ConvThenNorm("plain").eval()
     folded, count = fold_batchnorm(model, probe(2, 4, 8, 8))
-    assert count == 1 and isinstance(folded.bn, nn.Identity)
+    assert count == 1
+    assert isinstance(folded.bn, nn.Identity)
 
 
 def test_conv_output_read_past_the_batchnorm_is_not_folded(
@@ -103,7 +111,8 @@ def test_conv_output_read_past_the_batchnorm_is_not_folded(
     model = ConvThenNorm("residual").eval()
     with caplog.at_level(logging.WARNING, logger="evalserve.optimize"):
         folded, count = fold_batchnorm(model, probe(2, 4, 8, 8))
-    assert count == 0 and folded is model
+    assert count == 0
+    assert folded is model
     assert "not folded" in caplog.text
     assert isinstance(model.bn, nn.BatchNorm2d)
 
@@ -114,7 +123,8 @@ def test_batchnorm_that_does_not_read_the_conv_is_not_folded(
     model = ConvThenNorm("norm_first").eval()
     with caplog.at_level(logging.WARNING, logger="evalserve.optimize"):
         folded, count = fold_batchnorm(model, probe(2, 4, 8, 8))
-    assert count == 0 and folded is model
+    assert count == 0
+    assert folded is model
     assert caplog.text == ""  # refused by the probe's data flow, before any rewrite was tried
 
 
@@ -126,7 +136,8 @@ def test_unknown_batchnorm_subclass_is_left_alone() -> None:
     model = ConvThenNorm("plain")
     model.bn = ScaledNorm(4)
     folded, count = fold_batchnorm(model.eval(), probe(2, 4, 8, 8))
-    assert count == 0 and folded is model
+    assert count == 0
+    assert folded is model
 
 
 def test_a_model_in_train_mode_is_refused() -> None:
@@ -161,9 +172,11 @@ def test_batch_plans_cover_each_size_at_the_least_cost(
     costs: dict[int, float], nine: tuple[int, ...]
 ) -> None:
     plans = batch_plans(costs, 16)
-    assert sorted(plans) == list(range(1, 17)) and plans[9] == nine
+    assert sorted(plans) == list(range(1, 17))
+    assert plans[9] == nine
     for n, plan in plans.items():
-        assert sum(plan) >= n and set(plan) <= set(costs)
+        assert sum(plan) >= n
+        assert set(plan) <= set(costs)
         # No cheaper single padded pass, and no cheaper split into two plans.
         assert plan_cost(plan, costs) <= min(c for size, c in costs.items() if size >= n)
         for first in range(1, n):

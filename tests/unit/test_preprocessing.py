@@ -13,6 +13,7 @@ import subprocess
 import sys
 import warnings
 import zlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ MAX_PIXELS = 40_000_000  # the server's default limit
 
 
 def spec(**overrides) -> PreprocessingSection:
-    fields = {"resize": 256, "crop": 224, "interpolation": "bilinear", **IMAGENET}
+    fields: dict[str, Any] = {"resize": 256, "crop": 224, "interpolation": "bilinear", **IMAGENET}
     fields.update(overrides)
     return PreprocessingSection(**fields)
 
@@ -215,7 +216,7 @@ def test_animated_gif_gives_its_first_frame():
     blue = Image.new("RGB", (64, 48), (0, 0, 255))
     data = encode(red, "GIF", save_all=True, append_images=[blue], duration=100, loop=0)
     with Image.open(io.BytesIO(data)) as check:
-        assert check.n_frames == 2
+        assert getattr(check, "n_frames", 1) == 2
 
     out = load_image(data, "blink.gif", MAX_PIXELS, ImageTransform.from_spec(spec(crop=200)))
 
@@ -312,8 +313,12 @@ def test_exif_orientation_is_applied():
 
     assert upright.size == (40, 80)
     top, bottom = upright.getpixel((20, 10)), upright.getpixel((20, 70))
-    assert top[0] > 200 and top[2] < 50  # the stored left (red) is now on top
-    assert bottom[2] > 200 and bottom[0] < 50
+    assert isinstance(top, tuple)
+    assert isinstance(bottom, tuple)
+    assert top[0] > 200
+    assert top[2] < 50
+    assert bottom[2] > 200
+    assert bottom[0] < 50
 
 
 def test_load_image_is_decode_then_transform():
@@ -519,7 +524,8 @@ def test_without_an_avif_codec_avif_is_refused_naming_what_is_accepted(tmp_path)
     assert seen["has_avif"] is False
     assert "AVIF" not in seen["allowed"]
     assert seen["allowed"][:6] == ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
-    assert seen["refusal"] is not None and seen["refusal"].startswith("not a supported image (")
+    assert seen["refusal"] is not None
+    assert seen["refusal"].startswith("not a supported image (")
     assert "JPEG, PNG, WebP, BMP, GIF" in seen["refusal"]
     assert "AVIF" not in seen["refusal"]
     assert seen["jpeg"] == [451, 300]  # everything else still decodes
@@ -575,6 +581,7 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped_to_white(color_mode):
     )
     out = load_image(data, "depth.png", MAX_PIXELS, transform)
     assert out.shape == (224, 224, 3 if color_mode == "RGB" else 1)
-    assert out.min() == 0 and out.max() == 255
+    assert out.min() == 0
+    assert out.max() == 255
     # Still a ramp: the middle row sits near the middle of the range.
     assert 100 < int(out[112, 112, 0]) < 156

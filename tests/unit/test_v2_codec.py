@@ -82,14 +82,16 @@ def test_uint8_and_fp32_tensors_become_per_image_arrays_in_model_layout() -> Non
     [(_, array)] = codec.decode_images(
         tensor("FP32", [1, 3, 4, 5], values.tolist()), None, INPUT_SIZE
     )
-    assert isinstance(array, np.ndarray) and array.dtype == np.float32
+    assert isinstance(array, np.ndarray)
+    assert array.dtype == np.float32
     assert np.array_equal(array, values[0])
 
 
 def test_the_request_body_splits_at_the_header_length() -> None:
     head = json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES"}]}).encode()
     request, rest = codec.split_body(head + b"BINARY", str(len(head)))
-    assert request.inputs[0].name == "x" and rest == b"BINARY"
+    assert request.inputs[0].name == "x"
+    assert rest == b"BINARY"
     with pytest.raises(BadRequest, match="bad Inference-Header-Content-Length"):
         codec.split_body(head, str(len(head) + 1))
     with pytest.raises(BadRequest, match="invalid inference request: inputs"):
@@ -120,9 +122,11 @@ def test_classification_outputs_are_score_index_label_strings_best_first() -> No
     requested = [RequestedOutput(name="probabilities", parameters={"classification": 2})]
     head, blobs = codec.encode_response({"id": "7"}, table, ["a", "b", "c"], requested, False)
     answer = json.loads(head)
-    assert answer["id"] == "7" and blobs == b""
+    assert answer["id"] == "7"
+    assert blobs == b""
     [output] = answer["outputs"]
-    assert output["datatype"] == "BYTES" and output["shape"] == [1, 2]
+    assert output["datatype"] == "BYTES"
+    assert output["shape"] == [1, 2]
     assert output["data"] == ["0.600000:1:b", "0.300000:2:c"]
 
 
