@@ -24,12 +24,18 @@ APT_PACKAGES := docker-compose chromium g++
 .PHONY: serve test lint install test-tools
 
 $(RUNTIME): pyproject.toml requirements/lock.txt
-	@echo "evalserve: setting up $(VENV) for serving: torch and torchvision first" \
-		"($(if $(TORCH_INDEX),from PyTorch's CPU index where it is reachable: about 0.8 GB; otherwise,from PyPI:) the default build with CUDA libraries: about 5.5 GB)," \
-		"then the locked runtime dependencies (about 0.3 GB); a few minutes on first use"
+	@echo "evalserve: setting up $(VENV) for serving (a few minutes on first use)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(if $(TORCH_INDEX),$(PIP) install --quiet --retries 1 --timeout 15 \
-		--index-url $(TORCH_INDEX) $(TORCH) || )$(PIP) install --quiet $(TORCH)
+	@if [ -n "$(TORCH_INDEX)" ] && $(BIN)/python -c "import urllib.request as r; \
+			r.urlopen('$(TORCH_INDEX)/torch/', timeout=10)" 2>/dev/null; then \
+		echo "evalserve: $(TORCH), CPU build from $(TORCH_INDEX) (about 0.8 GB)"; \
+		$(PIP) install --quiet --index-url $(TORCH_INDEX) $(TORCH); \
+	else \
+		echo "evalserve: $(TORCH) from the default index, with its CUDA libraries" \
+			"(about 5.5 GB)$(if $(TORCH_INDEX),: PyTorch's CPU index cannot be reached)"; \
+		$(PIP) install --quiet $(TORCH); \
+	fi
+	@echo "evalserve: the runtime dependencies at the versions of requirements/lock.txt (about 0.3 GB)"
 	$(PIP) install --quiet -c requirements/lock.txt -e .
 	@echo "evalserve: $(VENV) holds $$(du -sh $(VENV) | cut -f1)"
 	touch $@

@@ -50,7 +50,7 @@ def page(browser: Browser, server: str, watched: Watched) -> Iterator[Page]:
     page = context.new_page()
     # Registered before the page loads: Playwright turns file-chooser interception on
     # asynchronously, and expect_file_chooser() right before a key press races it (flaky).
-    page.on("filechooser", watched.choosers.append)
+    page.on("filechooser", lambda chooser: watched.choosers.append(chooser))
     page.on("request", lambda request: watched.requests.append(request.url))
     page.goto(server)
     expect(page.locator("#model option")).to_have_count(2)
