@@ -114,7 +114,10 @@ class PortInUse(OSError):
 def bind(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` (not yet listening), or ``PortInUse`` saying why not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on connections whose socket says
+    # so, and without it every small response waits ~40 ms for the client's delayed ACK
+    # (measured: /health/live took 44 ms instead of 1 ms with proto 0).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         # As uvicorn does: rebinding right after a restart must not wait out TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
