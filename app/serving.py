@@ -30,7 +30,12 @@ def load_model(spec: ModelSpec, settings: Settings) -> Classifier:
     except RuntimeError as exc:
         raise ModelConfigError(spec.name, str(exc)) from exc
     classifier = Classifier(
-        spec, device, settings.torch_threads, settings.precision, settings.compile
+        spec,
+        device,
+        settings.torch_threads,
+        settings.precision,
+        settings.compile,
+        settings.runtime,
     )
     try:
         classifier.warm_up(settings.max_batch_size)
@@ -62,7 +67,12 @@ async def open_serving(
     serving = Serving(settings=settings, models=models, decode_pool=decode_pool)
     try:
         for name, spec in specs.items():
-            logger.info("loading model %s (%s)", name, spec.config.model.source)
+            logger.info(
+                "loading model %s (%s, runtime %s)",
+                name,
+                spec.config.model.source,
+                settings.runtime or spec.config.model.runtime,
+            )
             # Loading reads files and runs a forward pass: keep it off the event loop.
             classifier = await asyncio.to_thread(load_model, spec, settings)
             batcher: Batcher[Item, TopK] = Batcher(

@@ -53,6 +53,10 @@ class ModelFacts:
     compiled_batch_sizes: tuple[int, ...]
     folded_batchnorms: int
     preprocessing: PreprocessingFacts
+    # What runs the forward pass (torch, onnxruntime, openvino) and, for an exported runtime,
+    # its largest logit difference from torch at start-up, relative to the largest logit.
+    runtime: str = "torch"
+    max_logit_difference: float | None = None
 
 
 class Runner(Protocol):

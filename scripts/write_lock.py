@@ -25,12 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"
 LOCK_CUDA = ROOT / "requirements" / "lock-cuda.txt"
 COMMAND = "python scripts/write_lock.py"
+# Extras the default configuration needs, locked and installed in the image with the rest: the
+# shipped models run on ONNX Runtime (see README, "Runtimes").
+DEFAULT_EXTRAS = ("onnxruntime",)
 # Packages that only the CUDA build of torch pulls in; the CPU wheel needs none of them.
 CUDA_BUILD_ONLY = re.compile(r"^(nvidia-|cuda-|triton$)")
 
 LOCK_HEADER = f"""\
-# Exact versions of evalserve's runtime dependencies: [project.dependencies] of pyproject.toml and
-# everything they need, as installed in the project's virtual environment. torch and torchvision
+# Exact versions of evalserve's runtime dependencies: [project.dependencies] of pyproject.toml,
+# its onnxruntime extra (the default runtime) and everything they need, as installed in the
+# project's virtual environment. torch and torchvision
 # carry no local version (+cpu, +cu130): the Dockerfile's TORCH_VARIANT picks the wheel.
 # Regenerate: {COMMAND}
 """
@@ -47,10 +51,15 @@ def pyproject() -> dict[str, Any]:
 
 
 def runtime_closure() -> dict[str, str]:
-    """Name -> installed version of every distribution [project.dependencies] needs here."""
+    """Name -> installed version of every distribution [project.dependencies] and the default
+    extras need here."""
+    project = pyproject()["project"]
+    wanted = list(project["dependencies"])
+    for extra in DEFAULT_EXTRAS:
+        wanted += project["optional-dependencies"][extra]
     pending = [
         requirement
-        for requirement in map(Requirement, pyproject()["project"]["dependencies"])
+        for requirement in map(Requirement, wanted)
         if requirement.marker is None or requirement.marker.evaluate({"extra": ""})
     ]
     found: dict[str, str] = {}

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 # The JPEG photographs ship with evalserve (bench and agreement use them); the PNGs are tests'.
-PHOTO_DIR = ROOT / "app" / "tools" / "photos"
+PHOTO_DIR = ROOT / "app" / "photos"
 FIXTURES = ROOT / "tests" / "fixtures"
 MODELS = ROOT / "models"
 DEFAULT_MODEL = "efficientnet_lite0"

@@ -42,6 +42,8 @@ def model_info(model: ServedModel, serving: Serving) -> ModelInfo:
         device=facts.device,
         dtype=facts.dtype,
         compiled_batch_sizes=list(facts.compiled_batch_sizes),
+        runtime=facts.runtime,
+        max_logit_difference=facts.max_logit_difference,
         batching=BatchingInfo(
             max_batch_size=batcher.max_batch_size,
             max_batch_delay_ms=batcher.max_delay_s * 1000.0,

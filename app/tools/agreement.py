@@ -1,9 +1,11 @@
-"""``evalserve agreement``: how often a reduced precision picks the same top-1 class as fp32.
+"""``evalserve agreement``: how often a reduced precision (bf16, fp16) or an exported runtime
+(onnxruntime, openvino) picks the same top-1 class as torch in fp32.
 
-A precision other than fp32 is only worth offering with this number measured: both precisions
-run the served code path (``Classifier.predict``, same preprocessing, same device) over the
-shipped photographs (app/tools/photos) and crops of them, and the report gives the top-1
-agreement and the largest change in any top-1 score.
+Neither is worth offering without this number: both sides run the served code path
+(``Classifier``: same preprocessing, same device, the model built as the server builds it) over
+the shipped photographs (app/photos) and crops of them, or over a folder of images given with
+``--images``, and the report gives the top-1 agreement, the largest change in a top-1 score and
+the largest logit difference.
 """
 
 from __future__ import annotations
@@ -11,20 +13,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image
 
+from app import photos
+from app.model.exported import EXPORTED_RUNTIMES, Runtime
 from app.model.repository import Precision, discover
 from app.preprocessing import ImageTransform
-from app.tools import photos
-from app.values import Item, TopK
+
+# What can be compared with torch fp32: a reduced precision, or an exported runtime.
+CANDIDATES = ("bf16", "fp16", "onnxruntime", "openvino")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 CROP_FRACTIONS = (0.8, 0.6, 0.4)
 
 
 def test_images() -> list[Image.Image]:
-    """Each shipped photograph (app/tools/photos) and its mirror image, each whole and in
+    """Each shipped photograph (app/photos) and its mirror image, each whole and in
     overlapping crops of 80%, 60% and 40% of its size on a 3x3 grid: 8 x 2 x 28 = 448 images.
     Small crops matter: a crop that loses the subject is where two classes come close, and
     where a lower precision flips."""
@@ -57,62 +64,103 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def folder_images(folder: Path) -> list[Image.Image]:
+    """Every image under ``folder`` (e.g. the digits test split), in path order."""
+    images = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            with Image.open(path) as image:
+                image.load()
+                images.append(image.copy())
+    if not images:
+        raise FileNotFoundError(f"no images under {folder}")
+    return images
+
+
 @dataclass
 class Agreement:
     model: str
-    precision: str
+    # What was compared with torch fp32 (bf16, fp16, onnxruntime, openvino).
+    candidate: str
     device: str
     images: int
     top1_agreement: float
     top1_agreement_95ci: tuple[float, float]
     max_top1_score_change: float
-    # Among the images where the precisions disagree, the largest lead fp32's top class had over
-    # its runner-up: small means only near ties flip.
+    # Among the images where the two disagree, the largest lead fp32's top class had over its
+    # runner-up: small means only near ties flip.
     largest_flipped_margin: float
+    # The largest logit difference over all images and classes, and as a fraction of the
+    # largest torch fp32 logit.
+    max_logit_difference: float
+    max_logit_difference_relative: float
 
 
 def measure(
-    repository: Path, model: str, precision: Precision, device: str = "auto", batch: int = 16
+    repository: Path,
+    model: str,
+    candidate: str,
+    device: str = "auto",
+    batch: int = 16,
+    images: list[Image.Image] | None = None,
 ) -> Agreement:
     import torch
 
     from app.model.runtime import Classifier, resolve_device
 
+    sides: list[tuple[Precision, Runtime]] = [("fp32", "torch")]
+    if candidate in ("bf16", "fp16"):
+        sides.append((cast(Precision, candidate), "torch"))
+    elif candidate in EXPORTED_RUNTIMES:
+        sides.append(("fp32", candidate))
+    else:
+        raise ValueError(f"cannot compare {candidate!r} (one of {', '.join(CANDIDATES)})")
     spec = discover(repository)[model]
     transform = ImageTransform.from_spec(spec.preprocessing)
-    arrays = [transform(image) for image in test_images()]
+    arrays = [transform(image) for image in (test_images() if images is None else images)]
     where = resolve_device(device)
-    tops: dict[str, list[TopK]] = {}
-    for candidate in ("fp32", precision):
-        classifier = Classifier(spec, where, torch.get_num_threads(), candidate)
+    logits: list[np.ndarray] = []
+    for precision, runtime in sides:
+        classifier = Classifier(
+            spec, where, torch.get_num_threads(), precision, compile=False, runtime=runtime
+        )
         try:
-            results = []
-            for start in range(0, len(arrays), batch):
-                chunk = [Item(array, 2) for array in arrays[start : start + batch]]
-                results += classifier.predict_blocking(chunk)
-            tops[candidate] = results
+            parts = [
+                classifier.logits_blocking(arrays[start : start + batch])
+                for start in range(0, len(arrays), batch)
+            ]
         finally:
             classifier.close()
-    reference, reduced = tops["fp32"], tops[precision]
-    agree = sum(a[1][0] == b[1][0] for a, b in zip(reference, reduced, strict=True))
-    # Compare the fp32 winner's score under both precisions where they agree.
-    changes = [
-        abs(a[0][0] - b[0][0])
-        for a, b in zip(reference, reduced, strict=True)
-        if a[1][0] == b[1][0]
-    ]
-    margins = [
-        a[0][0] - a[0][1]
-        for a, b in zip(reference, reduced, strict=True)
-        if a[1][0] != b[1][0] and len(a[0]) > 1
-    ]
+        logits.append(np.concatenate(parts))
+    return compare(model, candidate, str(where), logits[0], logits[1])
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
+
+
+def compare(
+    model: str, candidate: str, device: str, reference: np.ndarray, other: np.ndarray
+) -> Agreement:
+    """``other``'s logits measured against ``reference``'s (torch fp32), image by image."""
+    top, other_top = reference.argmax(axis=1), other.argmax(axis=1)
+    agree = top == other_top
+    scores, other_scores = _softmax(reference), _softmax(other)
+    rows = np.arange(len(reference))
+    changes = np.abs(scores[rows, top] - other_scores[rows, top])[agree]
+    runner_up = np.sort(scores, axis=1)[:, -2] if scores.shape[1] > 1 else np.zeros(len(rows))
+    margins = (scores[rows, top] - runner_up)[~agree]
+    difference = float(np.abs(reference - other).max())
     return Agreement(
         model=model,
-        precision=precision,
-        device=str(where),
-        images=len(arrays),
-        top1_agreement=agree / len(arrays),
-        top1_agreement_95ci=wilson_interval(agree, len(arrays)),
-        max_top1_score_change=float(np.max(changes)) if changes else float("nan"),
-        largest_flipped_margin=float(np.max(margins)) if margins else 0.0,
+        candidate=candidate,
+        device=device,
+        images=len(reference),
+        top1_agreement=float(agree.mean()),
+        top1_agreement_95ci=wilson_interval(int(agree.sum()), len(reference)),
+        max_top1_score_change=float(changes.max()) if changes.size else float("nan"),
+        largest_flipped_margin=float(margins.max()) if margins.size else 0.0,
+        max_logit_difference=difference,
+        max_logit_difference_relative=difference / max(float(np.abs(reference).max()), 1e-12),
     )

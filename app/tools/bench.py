@@ -36,15 +36,17 @@ import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from app import photos
 from app.config import Settings
+from app.model.exported import EXPORTED_RUNTIMES, Runtime, available
 from app.model.repository import Precision, discover
+from app.model.runtime import choose_runtime, resolve_device
 from app.preprocessing import ImageTransform, load_image
-from app.tools import photos
 from app.values import Item, TopK
 
 
 def web_jpegs(size: tuple[int, int] = (500, 375), quality: int = 90) -> list[bytes]:
-    """The shipped photographs (app/tools/photos) re-encoded as typical web uploads."""
+    """The shipped photographs (app/photos) re-encoded as typical web uploads."""
     images = []
     for name in photos.NAMES:
         with Image.open(photos.path(name)) as photo:
@@ -78,6 +80,8 @@ class Level:
     # came from another client.
     server_requests: int
     fraction_of_limit: float = 0.0
+    # Against the fastest runtime's in-process limit (the served one's unless --peer-limit).
+    fraction_of_peer_limit: float = 0.0
     # Distinct transport errors (connection reset or closed without a response), if any; each
     # occurrence is also counted in ``errors``.
     connection_errors: list[str] = field(default_factory=list)
@@ -94,6 +98,7 @@ def measure_limit(settings: Settings, model: str, images: list[bytes], seconds: 
         settings.torch_threads,
         settings.precision,
         settings.compile,
+        settings.runtime,
     )
     transform = ImageTransform.from_spec(spec.preprocessing)
     size, top_k = settings.max_batch_size, min(settings.default_top_k, len(spec.labels))
@@ -295,18 +300,25 @@ def run(
     out: Path,
     precision: Precision | None,
     compile: bool | None = None,
+    runtime: Runtime | None = None,
+    peer_limit: bool = False,
     api_key: str | None = None,
 ) -> dict[str, Any]:
-    overrides: dict[str, Any] = {"precision": precision, "compile": compile}
+    overrides: dict[str, Any] = {"precision": precision, "compile": compile, "runtime": runtime}
     # Only what was asked for: the rest (and an unset option) still comes from the environment.
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
     model = model or settings.default_model
+    spec = discover(settings.model_repository)[model]
+    served_runtime = choose_runtime(
+        spec, resolve_device(settings.device), settings.runtime, settings.precision, compile
+    )
     images = web_jpegs()
     process = None
     if url is None:
         env = {
             "EVALSERVE_MODEL_REPOSITORY": str(settings.model_repository.resolve()),
             "EVALSERVE_DEFAULT_MODEL": model,
+            "EVALSERVE_RUNTIME": served_runtime,
         }
         if precision:
             env["EVALSERVE_PRECISION"] = precision
@@ -324,13 +336,24 @@ def run(
             process.wait(timeout=120)
     # Measured after the server stopped (when it was ours), so the two never share the cores.
     limit = measure_limit(settings, model, images, seconds)
+    peers: dict[str, dict[str, Any]] = {}
+    if peer_limit:
+        # The same model and preprocessing on every other runtime installed here, fp32 eager:
+        # what this machine can do at best, whatever evalserve serves.
+        for other in ("torch", *EXPORTED_RUNTIMES):
+            if other != served_runtime and available(other):
+                fastest = settings.model_copy(
+                    update={"runtime": other, "precision": "fp32", "compile": False}
+                )
+                peers[other] = asdict(measure_limit(fastest, model, images, seconds))
+    peers[served_runtime] = asdict(limit)
+    best = max(peers, key=lambda name: peers[name]["images_per_s"])
     for level in served:
         level.fraction_of_limit = level.images_per_s / limit.images_per_s
-    from app.model.runtime import resolve_device
-
-    spec = discover(settings.model_repository)[model]
+        level.fraction_of_peer_limit = level.images_per_s / peers[best]["images_per_s"]
     result: dict[str, Any] = {
         "model": model,
+        "runtime": served_runtime,
         "precision": settings.precision or spec.config.model.precision,
         "compiled": spec.config.model.compile if settings.compile is None else settings.compile,
         "device": str(resolve_device(settings.device)),
@@ -341,11 +364,15 @@ def run(
         "seconds_per_level": seconds,
         "settings": settings.model_dump(mode="json", exclude={"api_keys"}),
         "limit": asdict(limit),
+        # In-process limits by runtime (with --peer-limit, every runtime installed here).
+        "limits": peers,
+        "peer_limit": {"runtime": best, **peers[best]} if peer_limit else None,
         "served": [asdict(level) for level in served],
     }
     out.mkdir(parents=True, exist_ok=True)
     compiled = "-compiled" if result["compiled"] else ""
-    stem = f"{model}-{result['precision']}{compiled}-{result['device'].replace(':', '')}"
+    engine = "" if served_runtime == "torch" else f"-{served_runtime}"
+    stem = f"{model}-{result['precision']}{compiled}{engine}-{result['device'].replace(':', '')}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     result["plot"] = str(out / f"{stem}.png") if plot(result, out / f"{stem}.png") else None
     result["json"] = str(out / f"{stem}.json")
@@ -353,7 +380,12 @@ def run(
 
 
 def _variant(result: dict[str, Any]) -> str:
-    return f"{result['precision']}, compiled" if result.get("compiled") else result["precision"]
+    parts = [result["precision"]]
+    if result.get("compiled"):
+        parts.append("compiled")
+    if result.get("runtime", "torch") != "torch":
+        parts.append(result["runtime"])
+    return ", ".join(parts)
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -363,14 +395,26 @@ def format_result(result: dict[str, Any]) -> str:
         f"{result['cpus']} CPUs",
         f"in-process limit: {limit['images_per_s']:.1f} images/s at batch {limit['batch_size']} "
         f"({limit['batch_ms']:.0f} ms a batch); one image alone {limit['single_image_ms']:.1f} ms",
-        f"{'clients':>8} {'images/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-        f"{'batch':>6} {'of limit':>9} {'errors':>7}",
     ]
+    peer = result.get("peer_limit")
+    if peer:
+        others = ", ".join(
+            f"{name} {limits['images_per_s']:.1f}" for name, limits in result["limits"].items()
+        )
+        lines.append(
+            f"peer limit: {peer['images_per_s']:.1f} images/s ({peer['runtime']}, the fastest "
+            f"runtime here in process: {others})"
+        )
+    lines.append(
+        f"{'clients':>8} {'images/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+        f"{'batch':>6} {'of limit':>9}" + (f" {'of peer':>8}" if peer else "") + f" {'errors':>7}"
+    )
     for level in result["served"]:
+        of_peer = f" {level['fraction_of_peer_limit']:>8.0%}" if peer else ""
         lines.append(
             f"{level['concurrency']:>8} {level['images_per_s']:>9.1f} {level['p50_ms']:>8.1f} "
             f"{level['p90_ms']:>8.1f} {level['p99_ms']:>8.1f} {level['mean_batch_size']:>6.1f} "
-            f"{level['fraction_of_limit']:>9.0%} {level['errors']:>7}"
+            f"{level['fraction_of_limit']:>9.0%}{of_peer} {level['errors']:>7}"
         )
     for level in result["served"]:
         for error in level.get("connection_errors", []):

@@ -94,6 +94,16 @@ def _bench_parser(subparsers: Any) -> None:
         action=argparse.BooleanOptionalAction,
         help="torch.compile every model (default: model.toml's)",
     )
+    bench.add_argument(
+        "--runtime",
+        choices=["torch", "onnxruntime", "openvino"],
+        help="what runs every model (default: model.toml's)",
+    )
+    bench.add_argument(
+        "--peer-limit",
+        action="store_true",
+        help="also measure every other installed runtime in process, and report the fastest",
+    )
     bench.add_argument("--api-key", help="bearer key, when the server requires one")
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where results go")
 
@@ -101,11 +111,20 @@ def _bench_parser(subparsers: Any) -> None:
 def _agreement_parser(subparsers: Any) -> None:
     agreement = subparsers.add_parser(
         "agreement",
-        help="top-1 agreement of a reduced precision with fp32",
-        description="Run a model in fp32 and in PRECISION over the repository's test photographs "
-        "and their crops, and report how often the top-1 class agrees.",
+        help="top-1 agreement of a reduced precision or an exported runtime with torch fp32",
+        description="Run a model with torch in fp32 and as CANDIDATE (a precision, or an "
+        "exported runtime) over the shipped photographs and their crops (448 images), or over "
+        "--images, and report how often the top-1 class agrees and how far the logits differ.",
     )
-    agreement.add_argument("precision", choices=["bf16", "fp16"])
+    agreement.add_argument(
+        "candidate",
+        metavar="CANDIDATE",
+        choices=["bf16", "fp16", "onnxruntime", "openvino"],
+        help="bf16, fp16, onnxruntime or openvino",
+    )
+    agreement.add_argument(
+        "--images", type=Path, help="compare on every image under this folder instead"
+    )
     agreement.add_argument("--model", help="model name (default: EVALSERVE_DEFAULT_MODEL)")
     agreement.add_argument("--model-repository", help="folder of models")
     agreement.add_argument("--device", help="auto, cpu, cuda or cuda:N")
@@ -213,25 +232,32 @@ def agreement(args: argparse.Namespace, settings: Settings) -> int:
     from app.tools import agreement
 
     try:
+        images = agreement.folder_images(args.images) if args.images else None
         found = agreement.measure(
             settings.model_repository,
             args.model or settings.default_model,
-            args.precision,
+            args.candidate,
             settings.device,
+            images=images,
         )
-    except ModelConfigError as exc:
+    except (ModelConfigError, FileNotFoundError) as exc:
         print(f"evalserve agreement: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(asdict(found), indent=2))
-    else:
-        print(
-            f"{found.model} {found.precision} vs fp32 on {found.device}: top-1 agreement "
-            f"{found.top1_agreement:.2%} over {found.images} images (95% interval "
-            f"{found.top1_agreement_95ci[0]:.2%} to {found.top1_agreement_95ci[1]:.2%}); "
-            f"largest top-1 score change {found.max_top1_score_change:.4f}; every flip had "
-            f"fp32's top two classes within {found.largest_flipped_margin:.4f}"
-        )
+        return 0
+    line = (
+        f"{found.model} {found.candidate} vs torch fp32 on {found.device}: top-1 agreement "
+        f"{found.top1_agreement:.2%} over {found.images} images (95% interval "
+        f"{found.top1_agreement_95ci[0]:.2%} to {found.top1_agreement_95ci[1]:.2%}); "
+        f"largest top-1 score change {found.max_top1_score_change:.4f}; "
+    )
+    if found.top1_agreement < 1:
+        line += f"every flip had fp32's top two classes within {found.largest_flipped_margin:.4f}; "
+    print(
+        line + f"largest logit difference {found.max_logit_difference:.3g} "
+        f"({found.max_logit_difference_relative:.2g} of the largest logit)"
+    )
     return 0
 
 
@@ -246,6 +272,8 @@ def bench(args: argparse.Namespace) -> int:
         out=args.out,
         precision=args.precision,
         compile=args.compile,
+        runtime=args.runtime,
+        peer_limit=args.peer_limit,
         api_key=args.api_key,
     )
     print(bench.format_result(result))

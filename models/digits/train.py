@@ -159,11 +159,13 @@ def train(epochs: int = 40, batch_size: int = 64, seed: int = SEED, log: bool = 
 MODEL_TOML = """\
 # A small CNN (BatchNorm + Dropout) trained on scikit-learn's handwritten digits by train.py.
 # Held-out test accuracy at training time: {accuracy:.4f} ({test} images, seed {seed}).
-# model.pt2 is a torch.export program captured in eval mode.
+# model.pt2 is a torch.export program captured in eval mode. It is served on ONNX Runtime,
+# exported at load and proven to give torch's logits (evalserve's README, "Runtimes").
 
 [model]
 source = "export"
 file = "model.pt2"
+runtime = "onnxruntime"
 
 [labels]
 file = "labels.txt"

@@ -74,7 +74,9 @@ def test_compiled_model_answers_as_the_eager_one_and_never_compiles_while_servin
 def test_compile_in_model_toml_is_overridden_by_the_setting(tmp_path: Path) -> None:
     repo = digits_only(tmp_path)
     toml = repo / "digits" / "model.toml"
-    toml.write_text(toml.read_text().replace("[model]", "[model]\ncompile = true"))
+    # compile is a torch option: the toml that asks for it asks for the torch runtime too.
+    text = toml.read_text().replace('runtime = "onnxruntime"', 'runtime = "torch"')
+    toml.write_text(text.replace("[model]", "[model]\ncompile = true"))
     settings = make_settings(model_repository=repo, default_model="digits", compile=False)
     with TestClient(create_app(settings)) as client:
         assert client.get("/v1/models/digits").json()["compiled_batch_sizes"] == []

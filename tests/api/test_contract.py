@@ -91,7 +91,7 @@ def test_forward_runs_in_inference_mode_in_the_worker_thread() -> None:
             (threading.get_ident(), torch.is_inference_mode_enabled(), torch.is_grad_enabled())
         )
 
-    with TestClient(create_app(make_settings())) as client:
+    with TestClient(create_app(make_settings(runtime="torch"))) as client:
         model = client.app.state.serving.default_model  # type: ignore[attr-defined]
         handle = classifier_of(model).module.register_forward_pre_hook(record)
         try:
@@ -105,11 +105,32 @@ def test_forward_runs_in_inference_mode_in_the_worker_thread() -> None:
     assert seen == [(worker, True, False)]
 
 
-def test_concurrent_requests_batch_together_without_changing_scores() -> None:
+def test_an_exported_runtime_runs_in_the_worker_thread() -> None:
+    """ONNX Runtime has no inference mode to check: the contract is that it runs in the model's
+    own worker thread, like torch (and that it computes torch's logits, test_runtimes.py)."""
+    with TestClient(create_app(make_settings(runtime="onnxruntime"))) as client:
+        classifier = classifier_of(client.app.state.serving.default_model)  # type: ignore[attr-defined]
+        forward = classifier._exported
+        assert forward is not None
+        threads: list[int] = []
+
+        def recorded(batch: torch.Tensor) -> torch.Tensor:
+            threads.append(threading.get_ident())
+            return forward(batch)
+
+        classifier._exported = recorded
+        response = client.post("/v1/predict", files={"file": photo("chelsea.jpg")})
+        assert response.status_code == 200
+    assert threads == [classifier.worker_thread_id]
+    assert threads[0] != threading.get_ident()
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime", "openvino"])
+def test_concurrent_requests_batch_together_without_changing_scores(runtime: str) -> None:
     """8 different photos at once get the scores they get one by one, in a batch larger than 1."""
 
     async def scenario() -> None:
-        async with served(max_batch_delay_ms=200) as (client, serving):
+        async with served(max_batch_delay_ms=200, runtime=runtime) as (client, serving):
             stats = serving.default_model.batcher.stats
             alone = []
             for name in PHOTOS:
@@ -183,7 +204,7 @@ def test_request_past_its_deadline_gets_504_and_is_not_computed() -> None:
 
 def test_failing_forward_pass_fails_only_its_batch() -> None:
     async def scenario() -> None:
-        async with served() as (client, serving):
+        async with served(runtime="torch") as (client, serving):
             module = classifier_of(serving.default_model).module
             calls = {"n": 0}
 

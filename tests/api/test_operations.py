@@ -214,7 +214,7 @@ def test_unexpected_error_is_logged_once_and_hidden_from_the_client(
 
 def test_a_failed_batch_counts_each_of_its_images() -> None:
     """evalserve_images_rejected_total{reason="batch_failed"} counts images, not batches."""
-    with TestClient(create_app(make_settings())) as client:
+    with TestClient(create_app(make_settings(runtime="torch"))) as client:
         module = client.app.state.serving.default_model.classifier.module  # type: ignore[attr-defined]
         failing = module.register_forward_pre_hook(_raise_injected)
         try:

@@ -46,7 +46,7 @@ def test_agreement_tool_reports_top1_agreement(capsys: pytest.CaptureFixture[str
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 448
-    assert result["precision"] == "bf16"
+    assert result["candidate"] == "bf16"
     assert 0.9 <= result["top1_agreement"] <= 1.0
     low, high = result["top1_agreement_95ci"]
     assert low < result["top1_agreement"] <= high <= 1.0

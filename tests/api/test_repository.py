@@ -119,11 +119,14 @@ def reference_scores(module: nn.Module, name: str) -> torch.Tensor:
         return torch.softmax(module(pipeline(image)[None]), dim=1)[0]
 
 
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime", "openvino"])
 def test_every_model_kind_in_the_repository_is_served(
-    mixed_repository: tuple[Path, dict[str, nn.Module]],
+    mixed_repository: tuple[Path, dict[str, nn.Module]], runtime: str
 ) -> None:
+    """Every source (TorchScript, torch.export, torchvision, timm) on every runtime, each
+    compared with a reference torchvision pipeline and the eval-mode module it was made from."""
     repo, references = mixed_repository
-    settings = make_settings(model_repository=repo)
+    settings = make_settings(model_repository=repo, runtime=runtime)
     with TestClient(create_app(settings)) as client:
         names = {m["name"] for m in client.get("/v1/models").json()["models"]}
         assert names == {DEFAULT_MODEL, "tiny_script", "tiny_export", "tiny_vision"}
@@ -131,6 +134,9 @@ def test_every_model_kind_in_the_repository_is_served(
             info = client.get(f"/v1/models/{name}").json()
             assert info["num_classes"] == 3
             assert info["input_size"] == [3, 32, 32]
+            assert info["runtime"] == runtime
+            if runtime != "torch":
+                assert 0 <= info["max_logit_difference"] <= 1e-4
             expected = reference_scores(references[name], "coffee.jpg")
             response = client.post(
                 f"/v1/models/{name}/predict?top_k=3", files={"file": photo("coffee.jpg")}

@@ -33,7 +33,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     )
     [wheel] = (base / "dist").glob("evalserve-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "app/tools/photos/chelsea.jpg" in names
+    assert "app/photos/chelsea.jpg" in names
     assert "app/static/favicon.ico" in names
     assert not any(name.startswith("tests/") for name in names)
     venv = base / "venv"

@@ -58,11 +58,11 @@ def _served(serving: ServingDep, name: str, version: str | None) -> ServedModel:
     return model
 
 
-def any_version(serving: ServingDep, name: Name) -> ServedModel:
+async def any_version(serving: ServingDep, name: Name) -> ServedModel:
     return _served(serving, name, None)
 
 
-def at_version(serving: ServingDep, name: Name, version: Version) -> ServedModel:
+async def at_version(serving: ServingDep, name: Name, version: Version) -> ServedModel:
     return _served(serving, name, version)
 
 
