@@ -303,21 +303,31 @@ class Classifier:
         (to ``exported.TOLERANCE`` of the largest, same top-1) on a fixed random probe batch
         and on the shipped photographs."""
         assert self.runtime != "torch"
-        try:
-            forward = exported.export(self.runtime, self.module, self.spec.input_size, threads)
-        except ExportError as exc:
-            raise ModelConfigError(self.spec.name, str(exc)) from exc
         probe = self.probe_batch()
         with torch.inference_mode():
             expected = self.module(probe)
-            got = forward(probe)
-        self.max_logit_difference, problem = exported.prove_equal(expected, got)
-        if problem is not None:
+
+        def prove(forward: Forward) -> tuple[float, str | None]:
+            with torch.inference_mode():
+                return exported.prove_equal(expected, forward(probe))
+
+        try:
+            forward, self.max_logit_difference = exported.export(
+                self.runtime,
+                self.module,
+                self.spec.input_size,
+                threads,
+                prove,
+                exported.default_cache(),
+            )
+        except exported.NotEqual as exc:
             raise ModelConfigError(
                 self.spec.name,
                 f"the {self.runtime} export does not compute what the torch module does: "
-                f'{problem}; serve it with runtime = "torch"',
-            )
+                f'{exc}; serve it with runtime = "torch"',
+            ) from exc
+        except ExportError as exc:
+            raise ModelConfigError(self.spec.name, str(exc)) from exc
         logger.info(
             "model %s runs on %s: logits within %.2g of the largest of torch's on %d probe images",
             self.spec.name,

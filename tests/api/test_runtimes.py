@@ -49,7 +49,7 @@ def test_an_exported_runtime_answers_as_torch_does(runtime: str) -> None:
 
 
 def test_a_model_whose_export_differs_is_refused_naming_the_difference(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The export is made to differ: the first layer's weights change between the module torch
     serves and the graph handed to the runtime, as a broken exporter would do."""
@@ -67,6 +67,7 @@ def test_a_model_whose_export_differs_is_refused_naming_the_difference(
                 weight.copy_(original)
 
     monkeypatch.setattr(exported, "to_onnx", drifting_export)
+    monkeypatch.setattr(exported, "default_cache", lambda: tmp_path)  # no graph exported before
     spec = discover(MODELS)["digits"]
     with pytest.raises(ModelConfigError) as refused:
         Classifier(spec, torch.device("cpu"), None, runtime="onnxruntime")
@@ -74,6 +75,7 @@ def test_a_model_whose_export_differs_is_refused_naming_the_difference(
     assert message.startswith("model 'digits': the onnxruntime export does not compute")
     assert "of the largest logit" in message
     assert 'runtime = "torch"' in message
+    assert list(tmp_path.iterdir()) == []  # nothing unproven is kept for the next start
 
 
 def test_the_proof_needs_close_logits_and_the_same_top_1() -> None:
@@ -164,3 +166,32 @@ def test_a_model_toml_asking_an_exported_runtime_for_bf16_is_refused(tmp_path: P
     toml.write_text(toml.read_text().replace("[model]", '[model]\nprecision = "bf16"'))
     with pytest.raises(ModelConfigError, match="runtime 'onnxruntime' serves fp32 without"):
         discover(repo)
+
+
+def test_a_proven_graph_is_reused_and_a_stale_one_is_exported_afresh(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(exported, "default_cache", lambda: tmp_path)
+    exports: list[int] = []
+    real = exported.to_onnx
+
+    def counted(module: torch.nn.Module, input_size: tuple[int, int, int]) -> bytes:
+        exports.append(1)
+        return real(module, input_size)
+
+    monkeypatch.setattr(exported, "to_onnx", counted)
+    spec = discover(MODELS)["digits"]
+    Classifier(spec, torch.device("cpu"), None, runtime="onnxruntime").close()
+    [kept] = list(tmp_path.iterdir())
+    Classifier(spec, torch.device("cpu"), None, runtime="openvino").close()
+    assert len(exports) == 1  # the second start, even on another runtime, reused the graph
+    other = discover(MODELS)["efficientnet_lite0"]
+    good = Classifier(other, torch.device("cpu"), None, runtime="onnxruntime")
+    good.close()
+    # The digits graph under the other model's name: stale, so it fails the proof and is
+    # replaced by a fresh export.
+    [other_kept] = [path for path in tmp_path.iterdir() if path != kept]
+    other_kept.write_bytes(kept.read_bytes())
+    Classifier(other, torch.device("cpu"), None, runtime="onnxruntime").close()
+    assert len(exports) == 3
+    assert other_kept.read_bytes() != kept.read_bytes()

@@ -42,7 +42,7 @@ def test_bench_runs_and_writes_json_and_a_plot(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "in-process limit" in result.stdout
-    data = json.loads((tmp_path / "digits-fp32-cpu.json").read_text())
+    data = json.loads((tmp_path / "digits-fp32-onnxruntime-cpu.json").read_text())
     assert [level["concurrency"] for level in data["served"]] == [1, 2]
     for level in data["served"]:
         assert level["requests"] > 0
@@ -59,7 +59,7 @@ def test_bench_runs_and_writes_json_and_a_plot(tmp_path: Path) -> None:
     assert data["limit"]["images_per_s"] > 0
     assert data["limit"]["single_image_ms"] > 0
     # A real image of the plot's size (figsize (7, 4.2) at 120 dpi), not an empty canvas.
-    with Image.open(tmp_path / "digits-fp32-cpu.png") as plot:
+    with Image.open(tmp_path / "digits-fp32-onnxruntime-cpu.png") as plot:
         assert plot.format == "PNG"
         assert plot.size == (840, 504)
         colours = plot.convert("RGB").getcolors(maxcolors=1 << 16)

@@ -83,7 +83,7 @@ def test_bench_runs_from_the_wheel(installed: tuple[Path, Path]) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "in-process limit" in result.stdout
-    assert (work / "results" / "efficientnet_lite0-fp32-cpu.json").is_file()
+    assert (work / "results" / "efficientnet_lite0-fp32-onnxruntime-cpu.json").is_file()
 
 
 @pytest.mark.skipif(
