@@ -58,8 +58,8 @@ serve: $(RUNTIME)
 	$(BIN)/evalserve serve
 
 lint: $(TESTING)
-	$(BIN)/ruff check app tests scripts models
-	$(BIN)/ruff format --check app tests scripts models
+	$(BIN)/ruff check app tests scripts models bench
+	$(BIN)/ruff format --check app tests scripts models bench
 	$(BIN)/mypy
 	$(BIN)/mypy tests
 	$(BIN)/lint-imports
