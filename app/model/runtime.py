@@ -22,7 +22,13 @@ from app import photos
 from app.model import exported
 from app.model.exported import ExportError, Forward, Runtime
 from app.model.keymaps import KEY_MAPS
-from app.model.optimize import CompiledBatches, CompileError, compile_buckets, fold_batchnorm
+from app.model.optimize import (
+    CompiledBatches,
+    CompileError,
+    SplitBatches,
+    compile_buckets,
+    fold_batchnorm,
+)
 from app.model.repository import ModelConfigError, ModelSpec, Precision
 from app.preprocessing import ImageTransform
 from app.values import Item, ModelFacts, PreprocessingFacts, TopK
@@ -307,6 +313,14 @@ class Classifier:
         self.compiled: CompiledBatches | None = (
             CompiledBatches(self.module, _COMPILE_OPTIONS[self.device.type]) if compiled else None
         )
+        # Eager torch on the CPU runs each batch as the cheapest mix of sizes timed at warm-up
+        # (optimize.SplitBatches); on a GPU one large pass is cheapest, and an exported
+        # runtime measured cheapest per image at the largest batch.
+        self.split: SplitBatches | None = (
+            SplitBatches(lambda batch: self.module(batch))
+            if self.runtime == "torch" and device.type == "cpu" and not compiled
+            else None
+        )
         pre = spec.preprocessing
         shape = (1, pre.channels, 1, 1)
         # Normalisation runs in float32 whatever the precision; autocast casts at the convs.
@@ -455,10 +469,10 @@ class Classifier:
         return folded
 
     def warm_up(self, batch_size: int) -> None:
-        """One forward pass at ``batch_size`` in the worker thread, checking the output shape;
-        a compiled model is compiled here for every size of ``compile_buckets(batch_size)``,
-        and each size's pass is timed to plan how every batch size runs, so serving never
-        compiles."""
+        """Forward passes in the worker thread, checking the output shape, so serving never
+        compiles or plans: a compiled model is compiled here for every size of
+        ``compile_buckets(batch_size)``; a compiled model and eager torch on the CPU time a pass
+        at each of those sizes to plan how every batch size runs (``optimize.batch_plans``)."""
         channels, height, width = self.spec.input_size
         blank = np.zeros((height, width, channels), dtype=np.uint8)
 
@@ -467,15 +481,20 @@ class Classifier:
             self.predict_blocking([Item(blank, 1)] * size)
             return time.perf_counter() - began
 
+        planned: CompiledBatches | SplitBatches | None = self.compiled or self.split
         try:
-            if self.compiled is None:
+            if planned is None:
                 forward(batch_size)
                 return
             sizes = compile_buckets(batch_size)
-            for size, seconds in self.compiled.compile(sizes, forward).items():
-                logger.info(
-                    "model %s: compiled for batches of %d in %.1f s", self.spec.name, size, seconds
-                )
+            if self.compiled is not None:
+                for size, seconds in self.compiled.compile(sizes, forward).items():
+                    logger.info(
+                        "model %s: compiled for batches of %d in %.1f s",
+                        self.spec.name,
+                        size,
+                        seconds,
+                    )
             # Timed once nothing is compiling any more; the best of three passes.
             costs = {size: min(forward(size) for _ in range(3)) for size in sizes}
         except ModelConfigError:
@@ -484,14 +503,12 @@ class Classifier:
             raise ModelConfigError(self.spec.name, str(exc)) from exc
         except Exception as exc:
             raise ModelConfigError(self.spec.name, f"warm-up forward pass failed: {exc}") from exc
-        self.compiled.plan(costs, batch_size)
+        planned.plan(costs, batch_size)
         logger.info(
             "model %s: a pass takes %s; batches run as %s",
             self.spec.name,
             ", ".join(f"{1000 * cost:.0f} ms at {size}" for size, cost in costs.items()),
-            ", ".join(
-                f"{n}: {'+'.join(map(str, plan))}" for n, plan in self.compiled.plans.items()
-            ),
+            ", ".join(f"{n}: {'+'.join(map(str, plan))}" for n, plan in planned.plans.items()),
         )
 
     def _normalised(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -530,6 +547,8 @@ class Classifier:
             return self._exported(batch)
         if self.compiled is not None:
             return self.compiled(batch)
+        if self.split is not None:
+            return self.split(batch)
         logits: torch.Tensor = self.module(batch)
         return logits
 

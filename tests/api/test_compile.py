@@ -114,6 +114,37 @@ def test_padded_and_split_plans_give_the_eager_scores(digits_test_split: Path) -
         compiled.close()
 
 
+def test_eager_torch_on_the_cpu_plans_every_batch_size_from_passes_timed_at_warm_up(
+    digits_test_split: Path,
+) -> None:
+    spec = discover(MODELS)["digits"]
+    images = [
+        np.asarray(Image.open(p))[:, :, None] for p in sorted(digits_test_split.glob("*/*.png"))
+    ]
+    items = [Item(image, 3) for image in images[:: 360 // 8][:8]]
+    torch_eager = Classifier(spec, torch.device("cpu"), None, runtime="torch")
+    exported = Classifier(spec, torch.device("cpu"), None, runtime="onnxruntime")
+    try:
+        assert exported.split is None  # measured cheapest per image in one pass
+        assert torch_eager.split is not None
+        assert torch_eager.split.plans == {}
+        torch_eager.warm_up(8)
+        plans = torch_eager.split.plans
+        assert sorted(plans) == list(range(1, 9))
+        for n, plan in plans.items():
+            assert sum(plan) >= n
+            assert set(plan) <= {1, 2, 4, 8}
+        # However the batch of 8 was split, each image gets what it gets alone.
+        together = torch_eager.predict_blocking(items)
+        for item, got in zip(items, together, strict=True):
+            (alone,) = torch_eager.predict_blocking([item])
+            assert got.indices == alone.indices
+            assert np.allclose(got.scores, alone.scores, atol=1e-5)
+    finally:
+        torch_eager.close()
+        exported.close()
+
+
 def test_compiling_makes_room_for_its_sizes_and_refuses_a_fall_back_to_eager(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

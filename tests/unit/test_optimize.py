@@ -13,7 +13,7 @@ from PIL import Image
 from support import MODELS, PHOTOS, photo
 from torch import nn
 
-from app.model.optimize import batch_plans, compile_buckets, fold_batchnorm
+from app.model.optimize import SplitBatches, batch_plans, compile_buckets, fold_batchnorm
 from app.model.repository import discover
 from app.model.runtime import build_module
 from app.preprocessing import ImageTransform
@@ -182,3 +182,59 @@ def test_batch_plans_cover_each_size_at_the_least_cost(
         for first in range(1, n):
             split = plans[first] + plans[n - first]
             assert plan_cost(plan, costs) <= plan_cost(split, costs) + 1e-9
+
+
+class Recording(nn.Module):
+    """A small eval-mode CNN that records the batch size of every pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(8, 5)
+        self.sizes: list[int] = []
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(batch.shape[0])
+        logits: torch.Tensor = self.head(self.features(batch).flatten(1))
+        return logits
+
+
+# Measured shape on a 2-core CPU (EfficientNet-Lite0, eager): per image, 4 is cheapest.
+CACHE_BOUND = {1: 15.0, 2: 22.0, 4: 38.0, 8: 106.0, 16: 252.0}
+
+
+@pytest.mark.parametrize(
+    ("costs", "n", "passes"),
+    [
+        (CACHE_BOUND, 16, [4, 4, 4, 4]),
+        (CACHE_BOUND, 7, [4, 2, 1]),
+        (CACHE_BOUND, 3, [2, 1]),
+        # GPU-like: one pass of the whole batch.
+        ({1: 5.0, 2: 5.1, 4: 5.2, 8: 5.5, 16: 6.0}, 16, [16]),
+        # A 4 planned for 3 images runs the 3 as they are: nothing is padded.
+        ({1: 50.0, 2: 50.0, 4: 10.0, 8: 100.0, 16: 200.0}, 7, [4, 3]),
+    ],
+)
+def test_split_batches_run_each_batch_as_its_plan_with_the_same_logits(
+    costs: dict[int, float], n: int, passes: list[int]
+) -> None:
+    module = Recording().eval()
+    split = SplitBatches(module)
+    batch = probe(n, 3, 12, 12)
+    with torch.inference_mode():
+        whole = module(batch)
+        split.plan(costs, 16)
+        module.sizes.clear()
+        parts = split(batch)
+    assert module.sizes == passes
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_split_batches_run_whole_before_planning_and_beyond_the_plans() -> None:
+    module = Recording().eval()
+    split = SplitBatches(module)
+    with torch.inference_mode():
+        split(probe(16, 3, 12, 12))
+        split.plan(CACHE_BOUND, 8)
+        split(probe(12, 3, 12, 12))  # larger than any planned batch
+    assert module.sizes == [16, 12]
