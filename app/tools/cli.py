@@ -255,8 +255,8 @@ def agreement(args: argparse.Namespace, settings: Settings) -> int:
     if found.top1_agreement < 1:
         line += f"every flip had fp32's top two classes within {found.largest_flipped_margin:.4f}; "
     print(
-        line + f"largest logit difference {found.max_logit_difference:.3g} "
-        f"({found.max_logit_difference_relative:.2g} of the largest logit)"
+        line + f"largest logit difference {found.max_logit_difference:.2e} "
+        f"({found.max_logit_difference_relative:.2e} of the largest logit)"
     )
     return 0
 
