@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -14,6 +15,7 @@ from app import __version__
 from app.api import docs, health, models, predict, ui, v2
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestMiddleware
+from app.batching import Batcher
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
@@ -49,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics.watch_model(
                     model.name,
                     depth=partial(getattr, model.batcher, "depth"),
+                    in_flight=partial(_images_in_flight, model.batcher),
                     ready=partial(_model_ready, serving, model.name, lifecycle),
                 )
             app.state.serving = serving
@@ -97,3 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _model_ready(serving: Serving, name: str, lifecycle: Lifecycle) -> bool:
     """The evalserve_model_ready gauge: loaded and warm, its batch loop alive, not draining."""
     return serving.ready and not lifecycle.draining and serving.models[name].batcher.alive
+
+
+def _images_in_flight(batcher: Batcher[Any, Any]) -> int:
+    """The evalserve_images_in_flight gauge: waiting for a batch, or in the one computing."""
+    return batcher.depth + batcher.in_flight

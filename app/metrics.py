@@ -86,6 +86,13 @@ class Metrics:
         self.queue_depth = Gauge(
             "evalserve_queue_depth", "Images waiting for a batch.", ["model"], registry=r
         )
+        self.images_in_flight = Gauge(
+            "evalserve_images_in_flight",
+            "Images the model has accepted and not yet answered: waiting for a batch or in the "
+            "batch being computed (what autoscaling on the work reads; see the README).",
+            ["model"],
+            registry=r,
+        )
         self.model_ready = Gauge(
             "evalserve_model_ready",
             "1 when the model is loaded and warmed and the server is not draining, else 0.",
@@ -93,9 +100,17 @@ class Metrics:
             registry=r,
         )
 
-    def watch_model(self, model: str, depth: Callable[[], int], ready: Callable[[], bool]) -> None:
-        """Read queue depth and readiness at scrape time, not on the hot path."""
+    def watch_model(
+        self,
+        model: str,
+        depth: Callable[[], int],
+        in_flight: Callable[[], int],
+        ready: Callable[[], bool],
+    ) -> None:
+        """Read queue depth, images in flight and readiness at scrape time, not on the hot
+        path."""
         self.queue_depth.labels(model).set_function(depth)
+        self.images_in_flight.labels(model).set_function(in_flight)
         self.model_ready.labels(model).set_function(lambda: 1.0 if ready() else 0.0)
         for reason in REJECT_REASONS:  # so a rate() query sees 0, not "no data"
             self.rejected.labels(model, reason)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterator
 
@@ -14,10 +15,11 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi.testclient import TestClient
-from support import make_settings, metric, photo
+from support import ROOT, classifier_of, make_settings, metric, photo
 
 from app.logs import JsonFormatter
 from app.main import create_app
+from app.metrics import Metrics
 
 SECRET = "s3cret-key-do-not-log"
 
@@ -233,6 +235,49 @@ def test_a_failed_batch_counts_each_of_its_images() -> None:
     assert metric(text, "evalserve_images_processed_total", **model) == 1
 
 
+def test_images_in_flight_counts_the_computing_batch_and_the_queue() -> None:
+    """evalserve_images_in_flight (what autoscaling reads) is every image accepted and not yet
+    answered: while a batch of one is held in the forward pass and two more images wait, 3."""
+
+    async def scenario() -> None:
+        app = create_app(make_settings(runtime="torch", max_batch_size=2))
+        async with LifespanManager(app, startup_timeout=120):
+            model = app.state.serving.default_model
+            entered, release = threading.Event(), threading.Event()
+
+            def hold(*_: object) -> None:
+                entered.set()
+                release.wait(60)
+
+            handle = classifier_of(model).module.register_forward_pre_hook(hold)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                try:
+                    first = asyncio.ensure_future(
+                        client.post("/v1/predict", files={"file": photo("chelsea.jpg")})
+                    )
+                    assert await asyncio.to_thread(entered.wait, 60)
+                    two = [("file", (n, photo(n))) for n in ("coffee.jpg", "chelsea.jpg")]
+                    second = asyncio.ensure_future(client.post("/v1/predict", files=two))
+                    for _ in range(600):
+                        if model.batcher.depth == 2:
+                            break
+                        await asyncio.sleep(0.05)
+                    text = (await client.get("/metrics")).text
+                finally:
+                    release.set()
+                    handle.remove()
+                assert (await first).status_code == 200
+                assert (await second).status_code == 200
+                after = (await client.get("/metrics")).text
+        labels = {"model": "efficientnet_lite0"}
+        assert metric(text, "evalserve_queue_depth", **labels) == 2
+        assert metric(text, "evalserve_images_in_flight", **labels) == 3
+        assert metric(after, "evalserve_images_in_flight", **labels) == 0
+
+    asyncio.run(scenario())
+
+
 def _raise_injected(*_: object) -> None:
     raise RuntimeError("injected forward-pass failure")
 
@@ -273,3 +318,15 @@ def test_a_dead_batch_loop_turns_readiness_503_and_answers_at_once(
     [death] = [r for r in caplog.records if r.name == "evalserve.batching"]
     assert "the batch loop died" in death.getMessage()
     assert death.exc_info is not None
+
+
+# A row of the README's metrics table: | `name` | type | ...
+METRIC_ROW = re.compile(r"^\| `(evalserve_[a-z_]+)` \| (?:counter|gauge|histogram) \|", re.M)
+
+
+def test_the_readme_metrics_table_lists_every_metric_and_only_those() -> None:
+    exported = {
+        f"{family.name}_total" if family.type == "counter" else family.name
+        for family in Metrics().registry.collect()
+    }
+    assert set(METRIC_ROW.findall((ROOT / "README.md").read_text())) == exported
