@@ -180,7 +180,7 @@ async def drive(
         headers["Authorization"] = f"Bearer {api_key}"
     path = f"/v1/models/{model}/predict"
     # One httpx client (and connection) per simulated client: a shared pool of many
-    # connections costs the load generator, on the server's cores, 2.6 times the CPU per
+    # connections costs the load generator, on the server's cores, 2.3 times the CPU per
     # request at 64 clients (measured: 0.39 cores instead of 0.21), which the server lacked.
     async with contextlib.AsyncExitStack() as stack:
         pool = [
