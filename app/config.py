@@ -11,6 +11,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.values import Precision, Runtime
+
 PREFIX = "EVALSERVE_"
 
 
@@ -44,7 +46,7 @@ class Settings(BaseSettings):
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="Where models run: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
     )
-    precision: Literal["fp32", "bf16", "fp16"] | None = Field(
+    precision: Precision | None = Field(
         default=None,
         description="Every model's precision (fp32, bf16, fp16); unset keeps model.toml's.",
     )
@@ -52,7 +54,7 @@ class Settings(BaseSettings):
         default=None,
         description="torch.compile every model (true/false); unset keeps model.toml's.",
     )
-    runtime: Literal["torch", "onnxruntime", "openvino"] | None = Field(
+    runtime: Runtime | None = Field(
         default=None,
         description="What runs every model (torch, onnxruntime, openvino); unset keeps "
         "model.toml's.",

@@ -67,12 +67,7 @@ async def open_serving(
     serving = Serving(settings=settings, models=models, decode_pool=decode_pool)
     try:
         for name, spec in specs.items():
-            logger.info(
-                "loading model %s (%s, runtime %s)",
-                name,
-                spec.config.model.source,
-                settings.runtime or spec.config.model.runtime,
-            )
+            logger.info("loading model %s (%s)", name, spec.config.model.source)
             # Loading reads files and runs a forward pass: keep it off the event loop.
             classifier = await asyncio.to_thread(load_model, spec, settings)
             batcher: Batcher[Item, TopK] = Batcher(
@@ -92,9 +87,10 @@ async def open_serving(
             )
             batcher.start()
             logger.info(
-                "model %s ready on %s: %d classes, input %s",
+                "model %s ready on %s (%s): %d classes, input %s",
                 name,
                 facts.device,
+                facts.runtime,
                 len(facts.labels),
                 "x".join(map(str, facts.input_size)),
             )

@@ -6,9 +6,17 @@ from __future__ import annotations
 
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, get_args
 
 import numpy as np
+
+# What a model computes in, and what runs it: one definition for the settings, model.toml, the
+# model runtime and the command line.
+Precision = Literal["fp32", "bf16", "fp16"]
+Runtime = Literal["torch", "onnxruntime", "openvino"]
+RUNTIMES: tuple[Runtime, ...] = get_args(Runtime)
+# The runtimes that run the model exported to ONNX (app/model/exported.py).
+EXPORTED_RUNTIMES: tuple[Runtime, ...] = tuple(r for r in RUNTIMES if r != "torch")
 
 
 class Item(NamedTuple):

@@ -19,16 +19,16 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from app.values import Runtime
+
 logger = logging.getLogger("evalserve.runtime")
 
-Runtime = Literal["torch", "onnxruntime", "openvino"]
-EXPORTED_RUNTIMES: tuple[Runtime, ...] = ("onnxruntime", "openvino")
 # The pip extra that brings each runtime (and what exporting to ONNX needs).
 EXTRAS: dict[str, str] = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 

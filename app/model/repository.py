@@ -45,6 +45,8 @@ from pydantic import (
     model_validator,
 )
 
+from app.values import Precision, Runtime
+
 MODEL_FILE = "model.toml"
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -60,9 +62,6 @@ class ModelConfigError(Exception):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class ModelSection(_Section):
@@ -88,7 +87,7 @@ class ModelSection(_Section):
         default=False,
         description="torch.compile the model for each batch-size bucket during warm-up.",
     )
-    runtime: Literal["torch", "onnxruntime", "openvino"] = Field(
+    runtime: Runtime = Field(
         default="torch",
         description="What runs the forward pass: torch, or the model exported to ONNX and run "
         "by ONNX Runtime or OpenVINO (CPU, fp32), once proven to give torch's logits.",

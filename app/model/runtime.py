@@ -20,7 +20,7 @@ from torch import nn
 
 from app import photos
 from app.model import exported
-from app.model.exported import ExportError, Forward, Runtime
+from app.model.exported import ExportError, Forward
 from app.model.keymaps import KEY_MAPS
 from app.model.optimize import (
     CompiledBatches,
@@ -29,9 +29,9 @@ from app.model.optimize import (
     compile_buckets,
     fold_batchnorm,
 )
-from app.model.repository import ModelConfigError, ModelSpec, Precision
+from app.model.repository import ModelConfigError, ModelSpec
 from app.preprocessing import ImageTransform
-from app.values import Item, ModelFacts, PreprocessingFacts, TopK
+from app.values import Item, ModelFacts, Precision, PreprocessingFacts, Runtime, TopK
 
 logger = logging.getLogger("evalserve.runtime")
 
@@ -317,7 +317,7 @@ class Classifier:
         # (optimize.SplitBatches); on a GPU one large pass is cheapest, and an exported
         # runtime measured cheapest per image at the largest batch.
         self.split: SplitBatches | None = (
-            SplitBatches(lambda batch: self.module(batch))
+            SplitBatches(self.module)
             if self.runtime == "torch" and device.type == "cpu" and not compiled
             else None
         )
@@ -377,13 +377,17 @@ class Classifier:
         """A fixed random batch of two and the shipped photographs as the model sees them."""
         transform = ImageTransform.from_spec(self.spec.preprocessing)
         images = [transform(photos.image(name)) for name in photos.NAMES]
-        generator = torch.Generator().manual_seed(0)
-        noise = torch.randn((2, *self.spec.input_size), generator=generator)
+        noise = self._noise()
         with torch.inference_mode():
             pictures = self._input_batch(images)
         return torch.cat([noise.to(self.device), pictures]).contiguous(
             memory_format=torch.channels_last
         )
+
+    def _noise(self) -> torch.Tensor:
+        """A fixed random float32 batch of two at the model's input size (seeded: the same on
+        every start), the probe of folding and of an export's equivalence proof."""
+        return torch.randn((2, *self.spec.input_size), generator=torch.Generator().manual_seed(0))
 
     def _init_worker(self) -> int:
         if self._torch_threads is not None:
@@ -453,7 +457,7 @@ class Classifier:
     def _fold(self, module: nn.Module) -> nn.Module:
         """``module`` with its BatchNorms folded into their convolutions (app/model/optimize.py),
         proven on a fixed random probe batch of two."""
-        probe = torch.randn((2, *self.spec.input_size), generator=torch.Generator().manual_seed(0))
+        probe = self._noise()
         try:
             folded, self.folded_batchnorms = fold_batchnorm(module, probe)
         except Exception as exc:

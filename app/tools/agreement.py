@@ -13,18 +13,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import cast, get_args
 
 import numpy as np
 from PIL import Image
 
 from app import photos
-from app.model.exported import EXPORTED_RUNTIMES, Runtime
-from app.model.repository import Precision, discover
-from app.preprocessing import ImageTransform
+from app.model.repository import discover
+from app.preprocessing import ImageTransform, decode
+from app.values import EXPORTED_RUNTIMES, Precision, Runtime
 
 # What can be compared with torch fp32: a reduced precision, or an exported runtime.
-CANDIDATES = ("bf16", "fp16", "onnxruntime", "openvino")
+CANDIDATES: tuple[str, ...] = (
+    *(p for p in get_args(Precision) if p != "fp32"),
+    *EXPORTED_RUNTIMES,
+)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 CROP_FRACTIONS = (0.8, 0.6, 0.4)
@@ -64,14 +67,14 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def folder_images(folder: Path) -> list[Image.Image]:
-    """Every image under ``folder`` (e.g. the digits test split), in path order."""
-    images = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            with Image.open(path) as image:
-                image.load()
-                images.append(image.copy())
+def folder_images(folder: Path, max_pixels: int) -> list[Image.Image]:
+    """Every image under ``folder`` (e.g. the digits test split), in path order, decoded as the
+    server decodes uploads (so a file it would refuse raises ``ImageError`` naming it)."""
+    images = [
+        decode(path.read_bytes(), str(path), max_pixels)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    ]
     if not images:
         raise FileNotFoundError(f"no images under {folder}")
     return images

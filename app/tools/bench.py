@@ -39,11 +39,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import photos
 from app.config import Settings
-from app.model.exported import EXPORTED_RUNTIMES, Runtime, available
-from app.model.repository import Precision, discover
+from app.model.exported import available
+from app.model.repository import discover
 from app.model.runtime import choose_runtime, resolve_device
 from app.preprocessing import ImageTransform, load_image
-from app.values import Item, TopK
+from app.values import EXPORTED_RUNTIMES, Item, Precision, Runtime, TopK
 
 
 def web_jpegs(size: tuple[int, int] = (500, 375), quality: int = 90) -> list[bytes]:
@@ -320,7 +320,11 @@ def run(
     model = model or settings.default_model
     spec = discover(settings.model_repository)[model]
     served_runtime = choose_runtime(
-        spec, resolve_device(settings.device), settings.runtime, settings.precision, compile
+        spec,
+        resolve_device(settings.device),
+        settings.runtime,
+        settings.precision,
+        settings.compile,
     )
     images = web_jpegs()
     process = None

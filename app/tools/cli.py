@@ -19,6 +19,9 @@ from app import __version__
 from app.client import DEFAULT_URL
 from app.config import Settings, UnknownSetting
 from app.model.repository import ModelConfigError, discover
+from app.preprocessing import ImageError
+from app.tools.agreement import CANDIDATES
+from app.values import RUNTIMES
 
 
 def _serve_parser(subparsers: Any) -> None:
@@ -96,7 +99,7 @@ def _bench_parser(subparsers: Any) -> None:
     )
     bench.add_argument(
         "--runtime",
-        choices=["torch", "onnxruntime", "openvino"],
+        choices=RUNTIMES,
         help="what runs every model (default: model.toml's)",
     )
     bench.add_argument(
@@ -119,8 +122,8 @@ def _agreement_parser(subparsers: Any) -> None:
     agreement.add_argument(
         "candidate",
         metavar="CANDIDATE",
-        choices=["bf16", "fp16", "onnxruntime", "openvino"],
-        help="bf16, fp16, onnxruntime or openvino",
+        choices=CANDIDATES,
+        help=", ".join(CANDIDATES),
     )
     agreement.add_argument(
         "--images", type=Path, help="compare on every image under this folder instead"
@@ -232,7 +235,9 @@ def agreement(args: argparse.Namespace, settings: Settings) -> int:
     from app.tools import agreement
 
     try:
-        images = agreement.folder_images(args.images) if args.images else None
+        images = (
+            agreement.folder_images(args.images, settings.max_image_pixels) if args.images else None
+        )
         found = agreement.measure(
             settings.model_repository,
             args.model or settings.default_model,
@@ -240,7 +245,7 @@ def agreement(args: argparse.Namespace, settings: Settings) -> int:
             settings.device,
             images=images,
         )
-    except (ModelConfigError, FileNotFoundError) as exc:
+    except (ModelConfigError, FileNotFoundError, ImageError) as exc:
         print(f"evalserve agreement: {exc}", file=sys.stderr)
         return 2
     if args.json:

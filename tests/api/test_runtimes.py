@@ -110,7 +110,8 @@ def test_what_an_exported_runtime_cannot_do_is_refused_at_once(
 
 def test_the_runtime_setting_overrides_model_toml() -> None:
     spec = discover(MODELS)["digits"]
-    assert spec.config.model.runtime == "torch" or spec.config.model.runtime in EXPORTED
+    # model.toml chooses another runtime, so only the setting can make it openvino.
+    assert spec.config.model.runtime != "openvino"
     with TestClient(create_app(make_settings(runtime="openvino"))) as client:
         runtimes = {m["name"]: m["runtime"] for m in client.get("/v1/models").json()["models"]}
     assert runtimes == {"digits": "openvino", "efficientnet_lite0": "openvino"}
@@ -136,6 +137,19 @@ def test_agreement_on_a_folder_without_images_says_so(
     arguments = ["agreement", "onnxruntime", "--model", "digits", "--images", str(tmp_path)]
     assert main([*arguments, "--model-repository", str(MODELS)]) == 2
     assert f"no images under {tmp_path}" in capsys.readouterr().err
+
+
+def test_agreement_on_a_folder_with_a_broken_image_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "good.jpg").write_bytes(photo("chelsea.jpg"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a picture")
+    arguments = ["agreement", "onnxruntime", "--model", "digits", "--images", str(tmp_path)]
+    assert main([*arguments, "--model-repository", str(MODELS)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"evalserve agreement: {broken}: ")
+    assert "Traceback" not in error
 
 
 @pytest.mark.parametrize(
