@@ -61,6 +61,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     EVALSERVE_HOST=0.0.0.0 \
     EVALSERVE_PORT=8000 \
+    EVALSERVE_GRPC_PORT=8001 \
     EVALSERVE_MODEL_REPOSITORY=/app/models
 USER 10001:10001
 # Bake check, as the user the server runs as: read every model of the repository, load its
@@ -70,7 +71,8 @@ USER 10001:10001
 # that keeps the image's /tmp starts without exporting again (one that mounts its own /tmp, as
 # the Kubernetes manifests do, exports at start: about 6 s for EfficientNet-Lite0).
 RUN ["python", "-c", "import torch; from app.config import Settings; from app.model.repository import discover; from app.model.runtime import Classifier; settings = Settings(device='cpu'); specs = discover(settings.model_repository); assert settings.default_model in specs, f'default model {settings.default_model} missing from {sorted(specs)}'; classifiers = [Classifier(spec, torch.device('cpu'), None) for spec in specs.values()]; [c.warm_up(1) for c in classifiers]; [c.close() for c in classifiers]; print('models load and run:', ', '.join(specs))"]
-EXPOSE 8000
+# HTTP (REST /v1 and /v2), then gRPC (the Open Inference Protocol).
+EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 # Ready = every model loaded and warmed, and not draining. The probe is the image's own Python
 # (slim images have no curl), asks 127.0.0.1 on EVALSERVE_PORT so it follows the configured port,

@@ -104,6 +104,16 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port the HTTP server binds.")
+    grpc_port: int = Field(
+        default=8001,
+        ge=0,
+        le=65535,
+        description="Port of the gRPC Open Inference Protocol server; 0 turns it off.",
+    )
+    model_control: bool = Field(
+        default=False,
+        description="Let clients load, reload and unload models (/v2/repository, gRPC).",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="Server log level."
     )

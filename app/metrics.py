@@ -43,6 +43,19 @@ class Metrics:
             buckets=_SECONDS,
             registry=r,
         )
+        self.grpc_requests = Counter(
+            "evalserve_grpc_requests",
+            "gRPC calls answered, by method and status code (OK, INVALID_ARGUMENT, ...).",
+            ["method", "code"],
+            registry=r,
+        )
+        self.grpc_request_seconds = Histogram(
+            "evalserve_grpc_request_duration_seconds",
+            "Time from a gRPC call's arrival to its answer, by method.",
+            ["method"],
+            buckets=_SECONDS,
+            registry=r,
+        )
         self.queue_seconds = Histogram(
             "evalserve_queue_time_seconds",
             "Time an image waited in the queue before its batch's forward pass began.",
@@ -115,6 +128,13 @@ class Metrics:
         for reason in REJECT_REASONS:  # so a rate() query sees 0, not "no data"
             self.rejected.labels(model, reason)
 
+    def unwatch_model(self, model: str) -> None:
+        """Stop reporting an unloaded model's gauges (a scrape would otherwise show a queue and
+        a readiness for a model that is gone). Its counters and histograms stay: their totals
+        are still true, and a model loaded again counts on from them, so rate() sees no reset."""
+        for gauge in (self.queue_depth, self.images_in_flight, self.model_ready):
+            gauge.remove(model)
+
     def batch_done(
         self, model: str, queue_seconds: Sequence[float], compute_seconds: float
     ) -> None:
@@ -138,6 +158,10 @@ class Metrics:
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
+
+    def grpc_done(self, method: str, code: str, seconds: float) -> None:
+        self.grpc_requests.labels(method, code).inc()
+        self.grpc_request_seconds.labels(method).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

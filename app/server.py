@@ -138,6 +138,15 @@ def run(settings: Settings) -> int:
     except PortInUse as exc:
         print(f"evalserve: cannot start: {exc}", file=sys.stderr)
         return 2
+    if settings.grpc_port:
+        # gRPC binds its own socket in the lifespan; checking here fails a taken port with the
+        # same exit code as HTTP's, before any model loads.
+        try:
+            bind(settings.host, settings.grpc_port).close()
+        except PortInUse as exc:
+            sock.close()
+            print(f"evalserve: cannot start: {exc} (gRPC)", file=sys.stderr)
+            return 2
     app = create_app(settings)
     config = uvicorn.Config(
         QuietStartupFailure(app),

@@ -58,7 +58,13 @@ def photo(name: str) -> bytes:
 
 def make_settings(**overrides: Any) -> Settings:
     """Settings for a test server: the real repository, CPU unless a test asks otherwise."""
-    values: dict[str, Any] = {"model_repository": MODELS, "device": "cpu", "torch_threads": 2}
+    # No gRPC port unless a test asks: tests run servers side by side.
+    values: dict[str, Any] = {
+        "model_repository": MODELS,
+        "device": "cpu",
+        "torch_threads": 2,
+        "grpc_port": 0,
+    }
     values.update(overrides)
     return Settings(**values)
 
@@ -159,7 +165,7 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 [*command, "--port", str(self.port), *args],
                 cwd=ROOT,
-                env={**os.environ, "EVALSERVE_DEVICE": "cpu", **env},
+                env={**os.environ, "EVALSERVE_DEVICE": "cpu", "EVALSERVE_GRPC_PORT": "0", **env},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from starlette.datastructures import State
 
 from app.api.errors import Forbidden, ModelNotFound, ServiceUnavailable, Unauthorized
 from app.api.inference import Inference
@@ -37,17 +38,33 @@ async def get_metrics(request: Request) -> Metrics:
 
 
 def not_ready_reason(request: Request) -> str | None:
+    """Why the server is not ready ("draining", "failed" or "loading"), or None when it is."""
+    return not_ready_reason_of(request.app.state)
+
+
+def not_ready_reason_of(state: State) -> str | None:
     """Why the server is not ready ("draining", "failed" or "loading"), or None when it is:
     every model loaded and warmed, every batch loop alive, and not shutting down. The one
-    definition every probe uses."""
-    serving: Serving | None = getattr(request.app.state, "serving", None)
+    definition every probe uses, over HTTP and gRPC (``state`` is the app's state)."""
+    serving: Serving | None = getattr(state, "serving", None)
     if serving is not None and serving.failed_models():
         return "failed"
-    if request.app.state.lifecycle.draining:
+    if state.lifecycle.draining:
         return "draining"
     if serving is None or not serving.ready:
         return "loading"
     return None
+
+
+def find_model(serving: Serving, name: str, version: str | None = None) -> ServedModel:
+    """The served model called ``name`` (at ``version``, when given), or ``ModelNotFound``."""
+    model = serving.models.get(name)
+    if model is None:
+        raise ModelNotFound(f"model {name!r} is not served (served: {', '.join(serving.models)})")
+    served = model.describe().version
+    if version is not None and version != served:
+        raise ModelNotFound(f"model {name!r} has no version {version!r} (only {served!r})")
+    return model
 
 
 ServingDep = Annotated[Serving, Depends(get_serving)]
@@ -57,10 +74,16 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 async def require_api_key(request: Request) -> None:
     """When API keys are configured: 401 without a bearer token, 403 with a wrong one."""
-    keys: list[bytes] = request.app.state.api_keys
+    check_api_key(request.app.state.api_keys, request.headers.get("authorization", ""))
+
+
+def check_api_key(keys: list[bytes], authorization: str) -> None:
+    """``authorization`` (an HTTP header or gRPC metadata value) against the configured keys:
+    nothing to check when there are none, ``Unauthorized`` without a bearer token,
+    ``Forbidden`` with a wrong one."""
     if not keys:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized(
             "this server needs an API key: send 'Authorization: Bearer <key>'",

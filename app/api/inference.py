@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+from starlette.datastructures import Headers, State
 from starlette.requests import ClientDisconnect, Request
 
 from app.api.errors import (
@@ -60,7 +61,8 @@ class Inference:
     """One inference request and everything it needs (the model, the server's state, the
     access-log record); routes get it from ``app.api.deps`` and build nothing themselves."""
 
-    request: Request
+    # None for a gRPC call (which reads no HTTP body, and whose cancellation gRPC delivers).
+    request: Request | None
     model: ServedModel
     serving: Serving
     info: dict[str, Any]
@@ -70,18 +72,30 @@ class Inference:
     @classmethod
     @asynccontextmanager
     async def open(cls, request: Request, model: ServedModel) -> AsyncIterator[Inference]:
-        """Around one inference request: refuse it while draining, note the model for the
-        access log, and count the images of a rejected request by reason."""
-        state = request.app.state
+        """Around one HTTP inference request (see ``begin``)."""
+        async with cls.begin(
+            request.app.state, model, request_info(request.scope), request
+        ) as call:
+            yield call
+
+    @classmethod
+    @asynccontextmanager
+    async def begin(
+        cls, state: State, model: ServedModel, info: dict[str, Any], request: Request | None = None
+    ) -> AsyncIterator[Inference]:
+        """Around one inference request of any protocol (``state`` is the app's): refuse it
+        while draining, note the model in ``info`` (the access-log record), and count the images
+        of a rejected request by reason."""
         lifecycle: Lifecycle = state.lifecycle
         metrics: Metrics = state.metrics
-        info = request_info(request.scope)
         info["model"] = model.name
         if lifecycle.draining:
             raise ServiceUnavailable("the server is shutting down", headers=RETRY_AFTER)
         started = asyncio.get_running_loop().time()
         try:
-            yield cls(request, model, state.serving, info, started)
+            # Held until answered: a model unloaded or replaced meanwhile is stopped only after.
+            with model.lease():
+                yield cls(request, model, state.serving, info, started)
         except ServiceError as exc:
             reason = _REJECT_REASONS.get(type(exc))
             if reason is not None:
@@ -91,6 +105,11 @@ class Inference:
     @property
     def settings(self) -> Settings:
         return self.serving.settings
+
+    @property
+    def headers(self) -> Headers:
+        """The HTTP request's headers (none for gRPC)."""
+        return self.request.headers if self.request is not None else Headers()
 
     def expect(self, count: int) -> None:
         """Note that the request carries ``count`` images, refusing it (413) at once when the
@@ -106,6 +125,7 @@ class Inference:
 
     async def read_body(self, reader: Callable[[AsyncGenerator[bytes, None]], Awaitable[T]]) -> T:
         """Run ``reader`` over the request's body stream, bounded in size and arrival time."""
+        assert self.request is not None, "only HTTP requests have a body to read"
         settings = self.settings
         limit = settings.max_upload_bytes
         declared = self.request.headers.get("content-length", "")
@@ -121,8 +141,11 @@ class Inference:
                 f"the request body did not arrive within {settings.body_timeout_s}s"
             ) from None
 
-    async def classify(self, uploads: Sequence[Upload], k: int) -> list[TopK]:
-        """Top-``k`` of every upload, through the model's batcher."""
+    async def classify(
+        self, uploads: Sequence[Upload], k: int, deadline_s: float | None = None
+    ) -> list[TopK]:
+        """Top-``k`` of every upload, through the model's batcher, within the request timeout
+        (and within ``deadline_s`` from now, the client's own deadline, when given)."""
         self.expect(len(uploads))
         model, settings = self.model, self.settings
         loop = asyncio.get_running_loop()
@@ -131,10 +154,13 @@ class Inference:
         try:
             arrays = await self._decode(uploads)
             remaining = max(settings.request_timeout_s - (loop.time() - self.started), 0.0)
+            if deadline_s is not None:
+                remaining = min(remaining, max(deadline_s, 0.0))
             items = [Item(array, k) for array in arrays]
-            return await _unless_disconnected(
-                self.request, model.batcher.submit(items, remaining, arrival)
-            )
+            work = model.batcher.submit(items, remaining, arrival)
+            if self.request is None:
+                return await work
+            return await _unless_disconnected(self.request, work)
         except QueueFull:
             raise Overloaded(
                 f"model {model.name!r} is at capacity; retry shortly", headers=RETRY_AFTER

@@ -89,7 +89,7 @@ TopKQuery = Annotated[
 
 async def _read_uploads(call: Inference, stream: AsyncGenerator[bytes, None]) -> list[Upload]:
     """(name, bytes) of every image in the request body (multipart or one raw image)."""
-    headers = call.request.headers
+    headers = call.headers
     media_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type in RAW_IMAGE_TYPES:
         return [("body", await read_all(stream))]

@@ -5,8 +5,11 @@ server's batch size, on the same device and threads, with no HTTP: decode + prep
 batch in the decode pool overlapping the previous batch's forward pass in the model's worker,
 exactly the server's division of labour. The served numbers come from a load generator in this
 process (async httpx, one connection per client, each client sending its next image as soon as
-the last is answered), against a server it starts (or ``--url``). Mean batch sizes, and the
-server's own count of the predict requests it answered, come from the server's ``/metrics``.
+the last is answered), against a server it starts (or ``--url``). With ``--protocol grpc`` the
+clients speak the gRPC Open Inference Protocol instead (one channel each, the JPEG as a BYTES
+tensor, the top 5 as the classification output, the same work as ``/v1``'s default answer).
+Mean batch sizes, and the server's own count of the requests it answered, come from the
+server's ``/metrics``.
 Results go to a JSON file and a PNG plot.
 
 This is a benchmark, not a test: its numbers depend on the machine and on what else runs on it.
@@ -16,7 +19,6 @@ Compare ratios within one run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import os
@@ -92,7 +94,7 @@ def measure_limit(settings: Settings, model: str, images: list[bytes], seconds: 
     """The in-process ceiling: the server's code and threads without HTTP."""
     from app.model.runtime import Classifier, resolve_device
 
-    spec = discover(settings.model_repository)[model]
+    spec = discover(settings.model_repository, model)[model]
     classifier = Classifier(
         spec,
         resolve_device(settings.device),
@@ -152,11 +154,12 @@ class ServerTotals:
     batched_images: float  # evalserve_batch_size_sum of the model
     batches: float  # evalserve_batch_size_count of the model
     predict_requests: float  # evalserve_requests_total on PREDICT_ROUTE, POST, every status
+    grpc_infers: float  # evalserve_grpc_requests_total of ModelInfer, every code
 
 
 def server_totals(url: str, model: str) -> ServerTotals:
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    batched_images = batches = predict_requests = 0.0
+    batched_images = batches = predict_requests = grpc_infers = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name, labels = sample.name, sample.labels
@@ -166,33 +169,98 @@ def server_totals(url: str, model: str) -> ServerTotals:
                 batches += sample.value
             elif name == "evalserve_requests_total" and labels.get("route") == PREDICT_ROUTE:
                 predict_requests += sample.value if labels.get("method") == "POST" else 0.0
-    return ServerTotals(batched_images, batches, predict_requests)
+            elif name == "evalserve_grpc_requests_total" and labels.get("method") == "ModelInfer":
+                grpc_infers += sample.value
+    return ServerTotals(batched_images, batches, predict_requests, grpc_infers)
+
+
+class HttpClient:
+    """One simulated client over HTTP: one connection, ``POST /v1/models/{model}/predict``."""
+
+    def __init__(self, url: str, model: str, api_key: str | None) -> None:
+        self.headers = {"Content-Type": "image/jpeg"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.path = f"/v1/models/{model}/predict"
+        self.client = httpx.AsyncClient(
+            base_url=url, limits=httpx.Limits(max_connections=1), timeout=120
+        )
+
+    async def send(self, image: bytes) -> bool:
+        """Whether the image was answered 200; raises ``ConnectionError`` when the connection
+        failed without an answer."""
+        try:
+            response = await self.client.post(self.path, content=image, headers=self.headers)
+        except httpx.TransportError as exc:
+            raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+        return response.status_code == 200
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class GrpcClient:
+    """One simulated client over gRPC: one channel, ModelInfer with a BYTES tensor."""
+
+    def __init__(self, target: str, model: str, api_key: str | None) -> None:
+        import grpc
+
+        from app.api.grpc import messages
+
+        self.grpc = grpc
+        self.messages = messages
+        self.model = model
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.channel = grpc.aio.insecure_channel(target)
+        self.infer = self.channel.unary_unary(
+            f"/{messages.SERVICE}/ModelInfer",
+            request_serializer=messages.ModelInferRequest.SerializeToString,
+            response_deserializer=messages.ModelInferResponse.FromString,
+        )
+
+    async def send(self, image: bytes) -> bool:
+        request = self.messages.ModelInferRequest(model_name=self.model)
+        request.inputs.add(name="image", datatype="BYTES", shape=[1])
+        request.outputs.add(name="probabilities").parameters["classification"].int64_param = 5
+        request.raw_input_contents.append(len(image).to_bytes(4, "little") + image)
+        try:
+            await self.infer(request, metadata=self.metadata, timeout=120)
+        except self.grpc.aio.AioRpcError as exc:
+            if exc.code() == self.grpc.StatusCode.UNAVAILABLE and "shutting" not in (
+                exc.details() or ""
+            ):
+                raise ConnectionError(f"UNAVAILABLE: {exc.details()}") from exc
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self.channel.close()
 
 
 async def drive(
-    url: str, model: str, images: list[bytes], clients: int, seconds: float, api_key: str | None
+    url: str,
+    model: str,
+    images: list[bytes],
+    clients: int,
+    seconds: float,
+    api_key: str | None,
+    grpc_target: str | None = None,
 ) -> Level:
+    """One level: ``clients`` clients sending for ``seconds``, over HTTP, or over gRPC to
+    ``grpc_target`` when given."""
     latencies: list[float] = []
     errors = 0
     dropped: set[str] = set()
-    headers = {"Content-Type": "image/jpeg"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    path = f"/v1/models/{model}/predict"
-    # One httpx client (and connection) per simulated client: a shared pool of many
-    # connections costs the load generator, on the server's cores, 2.3 times the CPU per
-    # request at 64 clients (measured: 0.39 cores instead of 0.21), which the server lacked.
-    async with contextlib.AsyncExitStack() as stack:
-        pool = [
-            await stack.enter_async_context(
-                httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1), timeout=120)
-            )
-            for _ in range(clients)
-        ]
+    # One client (and connection) per simulated client: a shared pool of many connections
+    # costs the load generator, on the server's cores, 2.3 times the CPU per request at 64
+    # clients (measured over HTTP: 0.39 cores instead of 0.21), which the server lacked.
+    pool: list[HttpClient | GrpcClient] = [
+        GrpcClient(grpc_target, model, api_key) if grpc_target else HttpClient(url, model, api_key)
+        for _ in range(clients)
+    ]
+    try:
         # Open every connection first, uncounted.
-        await asyncio.gather(
-            *(client.post(path, content=images[0], headers=headers) for client in pool)
-        )
+        await asyncio.gather(*(client.send(images[0]) for client in pool))
         before = server_totals(url, model)
         stop_at = time.perf_counter() + seconds
 
@@ -204,15 +272,15 @@ async def drive(
                 image, i = images[i % len(images)], i + 1
                 began = time.perf_counter()
                 try:
-                    response = await client.post(path, content=image, headers=headers)
-                except httpx.TransportError as exc:
+                    answered = await client.send(image)
+                except ConnectionError as exc:
                     # Counted and reported, not fatal: a benchmark should say how often the
                     # server dropped a connection, not die on the first.
                     errors += 1
-                    dropped.add(f"{type(exc).__name__}: {exc}")
+                    dropped.add(str(exc))
                     await asyncio.sleep(0.01)  # a dead server refuses at once: do not spin
                     continue
-                if response.status_code == 200:
+                if answered:
                     latencies.append(time.perf_counter() - began)
                 else:
                     errors += 1
@@ -221,6 +289,9 @@ async def drive(
         await asyncio.gather(*(one_client(k) for k in range(clients)))
         elapsed = time.perf_counter() - began
         after = server_totals(url, model)
+    finally:
+        await asyncio.gather(*(client.close() for client in pool))
+    counted = "grpc_infers" if grpc_target else "predict_requests"
     ordered = sorted(latencies) or [float("nan")]
 
     def percentile(p: float) -> float:
@@ -237,18 +308,23 @@ async def drive(
         p90_ms=percentile(90),
         p99_ms=percentile(99),
         mean_batch_size=batched / batches if batches else 0.0,
-        server_requests=round(after.predict_requests - before.predict_requests),
+        server_requests=round(getattr(after, counted) - getattr(before, counted)),
         connection_errors=sorted(dropped),
     )
 
 
-def start_server(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_server(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, "EVALSERVE_LOG_LEVEL": "warning", **env},
+        env={**os.environ, "EVALSERVE_LOG_LEVEL": "warning", "EVALSERVE_GRPC_PORT": "0", **env},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -313,12 +389,16 @@ def run(
     runtime: Runtime | None = None,
     peer_limit: bool = False,
     api_key: str | None = None,
+    protocol: str = "http",
+    grpc_target: str | None = None,
 ) -> dict[str, Any]:
+    """Benchmark a model over ``protocol`` (http or grpc; with ``url``, gRPC goes to
+    ``grpc_target``, by default the URL's host on port 8001) and write JSON and a plot."""
     overrides: dict[str, Any] = {"precision": precision, "compile": compile, "runtime": runtime}
     # Only what was asked for: the rest (and an unset option) still comes from the environment.
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
     model = model or settings.default_model
-    spec = discover(settings.model_repository)[model]
+    spec = discover(settings.model_repository, model)[model]
     served_runtime = choose_runtime(
         spec,
         resolve_device(settings.device),
@@ -338,10 +418,25 @@ def run(
             env["EVALSERVE_PRECISION"] = precision
         if compile is not None:
             env["EVALSERVE_COMPILE"] = str(compile).lower()
+        if protocol == "grpc":
+            grpc_target = f"127.0.0.1:{free_port()}"
+            env["EVALSERVE_GRPC_PORT"] = grpc_target.rsplit(":", 1)[1]
         process, url = start_server(env)
+    elif protocol == "grpc" and grpc_target is None:
+        grpc_target = f"{httpx.URL(url).host}:8001"
     try:
         served = [
-            asyncio.run(drive(url, model, images, clients, seconds, api_key))
+            asyncio.run(
+                drive(
+                    url,
+                    model,
+                    images,
+                    clients,
+                    seconds,
+                    api_key,
+                    grpc_target if protocol == "grpc" else None,
+                )
+            )
             for clients in concurrency
         ]
     finally:
@@ -367,6 +462,7 @@ def run(
         level.fraction_of_peer_limit = level.images_per_s / peers[best]["images_per_s"]
     result: dict[str, Any] = {
         "model": model,
+        "protocol": protocol,
         "runtime": served_runtime,
         "precision": settings.precision or spec.config.model.precision,
         "compiled": spec.config.model.compile if settings.compile is None else settings.compile,
@@ -386,7 +482,10 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     compiled = "-compiled" if result["compiled"] else ""
     engine = "" if served_runtime == "torch" else f"-{served_runtime}"
-    stem = f"{model}-{result['precision']}{compiled}{engine}-{result['device'].replace(':', '')}"
+    over = "" if protocol == "http" else f"-{protocol}"
+    stem = (
+        f"{model}-{result['precision']}{compiled}{engine}{over}-{result['device'].replace(':', '')}"
+    )
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     result["plot"] = str(out / f"{stem}.png") if plot(result, out / f"{stem}.png") else None
     result["json"] = str(out / f"{stem}.json")
@@ -406,7 +505,8 @@ def format_result(result: dict[str, Any]) -> str:
     limit = result["limit"]
     lines = [
         f"model {result['model']} ({_variant(result)}) on {result['device']}, "
-        f"{result['cpus']} CPUs",
+        + ("over gRPC, " if result.get("protocol") == "grpc" else "")
+        + f"{result['cpus']} CPUs",
         f"in-process limit: {limit['images_per_s']:.1f} images/s at batch {limit['batch_size']} "
         f"({limit['batch_ms']:.0f} ms a batch); one image alone {limit['single_image_ms']:.1f} ms",
     ]

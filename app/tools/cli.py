@@ -108,6 +108,15 @@ def _bench_parser(subparsers: Any) -> None:
         help="also measure every other installed runtime in process, and report the fastest",
     )
     bench.add_argument("--api-key", help="bearer key, when the server requires one")
+    bench.add_argument(
+        "--protocol",
+        choices=["http", "grpc"],
+        default="http",
+        help="how the clients speak: POST /v1 (default) or gRPC ModelInfer",
+    )
+    bench.add_argument(
+        "--grpc-target", help="host:port of the gRPC server with --url (default: port 8001)"
+    )
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where results go")
 
 
@@ -146,7 +155,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def serve(settings: Settings) -> int:
     # Check the repository's files before anything heavy, so a typo fails in one line.
     try:
-        specs = discover(settings.model_repository)
+        specs = discover(settings.model_repository, settings.default_model)
     except ModelConfigError as exc:
         print(f"evalserve: cannot start: {exc}", file=sys.stderr)
         return 2
@@ -280,6 +289,8 @@ def bench(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         peer_limit=args.peer_limit,
         api_key=args.api_key,
+        protocol=args.protocol,
+        grpc_target=args.grpc_target,
     )
     print(bench.format_result(result))
     return 0

@@ -28,9 +28,10 @@ def test_compose_builds_the_cpu_image_and_publishes_the_image_port(
     assert service["build"]["args"]["TORCH_VARIANT"] == "cpu"
     assert Path(service["build"]["context"]) == ROOT
     assert service["restart"] == "unless-stopped"
-    [published] = service["ports"]
-    port = image.one("EXPOSE")
-    assert str(published["target"]) == port == service["environment"]["EVALSERVE_PORT"]
+    http, grpc = service["ports"]
+    http_port, grpc_port = image.one("EXPOSE").split()
+    assert str(http["target"]) == http_port == service["environment"]["EVALSERVE_PORT"]
+    assert str(grpc["target"]) == grpc_port == service["environment"]["EVALSERVE_GRPC_PORT"]
 
 
 def test_gpu_override_builds_the_cuda_variant_and_reserves_one_nvidia_gpu() -> None:

@@ -39,7 +39,9 @@ def test_both_build_stages_share_one_python_base(image: Image) -> None:
 def test_image_starts_in_exec_form_on_its_exposed_port_and_stops_on_sigterm(image: Image) -> None:
     assert image.start_command == ["evalserve", "serve"]
     assert image.one("STOPSIGNAL") == "SIGTERM"
-    assert image.one("EXPOSE") == image.env["EVALSERVE_PORT"] == "8000"
+    http, grpc = image.one("EXPOSE").split()
+    assert http == image.env["EVALSERVE_PORT"] == "8000"
+    assert grpc == image.env["EVALSERVE_GRPC_PORT"] == "8001"
     assert image.env["EVALSERVE_HOST"] == "0.0.0.0"
     assert image.env["PATH"].startswith("/opt/venv/bin:")
     options, command = image.healthcheck

@@ -66,7 +66,8 @@ def container_env(image: Image, compose: dict[str, Any], port: int) -> dict[str,
     merged |= {k: str(v) for k, v in service.get("environment", {}).items()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVALSERVE_")}
     env |= {k: here(v) for k, v in merged.items()}
-    env |= {"EVALSERVE_HOST": "127.0.0.1", "EVALSERVE_PORT": str(port)}
+    # No gRPC port: tests run side by side, and this one speaks HTTP only.
+    env |= {"EVALSERVE_HOST": "127.0.0.1", "EVALSERVE_PORT": str(port), "EVALSERVE_GRPC_PORT": "0"}
     env["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     return env
 

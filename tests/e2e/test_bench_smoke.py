@@ -64,3 +64,39 @@ def test_bench_runs_and_writes_json_and_a_plot(tmp_path: Path) -> None:
         assert plot.size == (840, 504)
         colours = plot.convert("RGB").getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 16, "the plot is (nearly) blank"
+
+
+def test_bench_over_grpc_counts_what_the_server_counted(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "bench",
+            "--model",
+            "digits",
+            "--seconds",
+            "1",
+            "--concurrency",
+            "2",
+            "--protocol",
+            "grpc",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "over gRPC" in result.stdout
+    data = json.loads((tmp_path / "digits-fp32-onnxruntime-grpc-cpu.json").read_text())
+    assert data["protocol"] == "grpc"
+    [level] = data["served"]
+    assert level["requests"] > 0
+    assert level["errors"] == 0
+    # The server's gRPC ModelInfer count, not its HTTP one: every call the bench made.
+    assert level["requests"] == level["server_requests"], level
+    assert 1.0 <= level["mean_batch_size"] <= 2.0

@@ -57,7 +57,7 @@ def run(command: list[str], work: Path, timeout: float = 600) -> subprocess.Comp
     return subprocess.run(
         command,
         cwd=work,
-        env={**environment, "EVALSERVE_DEVICE": "cpu"},
+        env={**environment, "EVALSERVE_DEVICE": "cpu", "EVALSERVE_GRPC_PORT": "0"},
         capture_output=True,
         text=True,
         timeout=timeout,

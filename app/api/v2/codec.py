@@ -27,9 +27,36 @@ from pydantic import ValidationError
 from app.api.errors import BadRequest
 from app.api.inference import Upload
 from app.api.v2.schemas import InferenceRequest, RequestedOutput, Tensor
-from app.values import TopK
+from app.values import ModelFacts, TopK
 
 OUTPUT = "probabilities"
+EXTENSIONS = ("classification", "binary_tensor_data", "model_repository")
+
+
+def server_metadata(version: str) -> dict[str, Any]:
+    """What the server says about itself (REST ``GET /v2``, gRPC ServerMetadata)."""
+    return {"name": "evalserve", "version": version, "extensions": list(EXTENSIONS)}
+
+
+def model_metadata(facts: ModelFacts) -> dict[str, Any]:
+    """A model's inputs and outputs (REST ``GET /v2/models/{name}``, gRPC ModelMetadata)."""
+    channels, height, width = facts.input_size
+    return {
+        "name": facts.name,
+        "versions": [facts.version],
+        "platform": f"evalserve_{facts.source}",
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [-1]},
+            {"name": "image_uint8", "datatype": "UINT8", "shape": [-1, height, width, channels]},
+            {"name": "input_fp32", "datatype": "FP32", "shape": [-1, channels, height, width]},
+        ],
+        "outputs": [
+            {"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(facts.labels)]},
+        ],
+        "parameters": {
+            "inputs": "send exactly one of the inputs; it is recognised by its datatype",
+        },
+    }
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
@@ -166,10 +193,26 @@ def probabilities(results: Sequence[TopK], classes: int) -> np.ndarray:
     return table
 
 
-def _binary_of(values: np.ndarray | list[bytes]) -> bytes:
+def binary_of(values: np.ndarray | list[bytes]) -> bytes:
+    """An output's raw bytes: little-endian FP32, or length-prefixed BYTES elements."""
     if isinstance(values, np.ndarray):
         return values.astype("<f4").tobytes()
     return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def render_output(
+    table: np.ndarray, labels: Sequence[str], output: RequestedOutput
+) -> tuple[str, list[int], np.ndarray | list[bytes]]:
+    """One requested output's datatype, shape and values: the probability table as FP32, or
+    with the ``classification`` parameter the top-k as ``"score:index:label"`` BYTES."""
+    k = output.parameters.get("classification")
+    if k is None:
+        return "FP32", list(table.shape), table
+    order = np.argsort(-table, axis=1, kind="stable")[:, :k]
+    values = [
+        f"{table[r, i]:f}:{i}:{labels[i]}".encode() for r in range(len(table)) for i in order[r]
+    ]
+    return "BYTES", [len(table), k], values
 
 
 def encode_response(
@@ -183,21 +226,10 @@ def encode_response(
     (empty when every output is JSON)."""
     outputs, blobs = [], []
     for output in requested:
-        k = output.parameters.get("classification")
-        entry: dict[str, Any] = {"name": output.name}
-        if k is not None:
-            order = np.argsort(-table, axis=1, kind="stable")[:, :k]
-            values: np.ndarray | list[bytes] = [
-                f"{table[r, i]:f}:{i}:{labels[i]}".encode()
-                for r in range(len(table))
-                for i in order[r]
-            ]
-            entry.update(datatype="BYTES", shape=[len(table), k])
-        else:
-            values = table
-            entry.update(datatype="FP32", shape=list(table.shape))
+        datatype, shape, values = render_output(table, labels, output)
+        entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": shape}
         if output.parameters.get("binary_data", all_binary):
-            blob = _binary_of(values)
+            blob = binary_of(values)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif isinstance(values, np.ndarray):

@@ -11,15 +11,13 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from app import __version__
-from app.api.deps import ServingDep, not_ready_reason, require_api_key
-from app.api.errors import ModelNotFound
+from app.api.deps import ServingDep, find_model, not_ready_reason, require_api_key
 from app.api.inference import Inference, read_all
 from app.api.v2 import codec
 from app.api.v2.schemas import ProtocolError
 from app.state import ServedModel
 
 HEADER_LENGTH = "inference-header-content-length"
-EXTENSIONS = ["classification", "binary_tensor_data"]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -48,22 +46,12 @@ Name = Annotated[str, Path(description="Model name.")]
 Version = Annotated[str, Path(description="Model version (model.toml's model.version).")]
 
 
-def _served(serving: ServingDep, name: str, version: str | None) -> ServedModel:
-    model = serving.models.get(name)
-    if model is None:
-        raise ModelNotFound(f"model {name!r} is not served (served: {', '.join(serving.models)})")
-    served = model.describe().version
-    if version is not None and version != served:
-        raise ModelNotFound(f"model {name!r} has no version {version!r} (only {served!r})")
-    return model
-
-
 async def any_version(serving: ServingDep, name: Name) -> ServedModel:
-    return _served(serving, name, None)
+    return find_model(serving, name)
 
 
 async def at_version(serving: ServingDep, name: Name, version: Version) -> ServedModel:
-    return _served(serving, name, version)
+    return find_model(serving, name, version)
 
 
 async def _inference_any(
@@ -104,38 +92,17 @@ async def ready(request: Request) -> dict[str, bool] | JSONResponse:
 
 @open_router.get("")
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "evalserve", "version": __version__, "extensions": EXTENSIONS}
-
-
-def _metadata(model: ServedModel) -> dict[str, Any]:
-    facts = model.describe()
-    channels, height, width = facts.input_size
-    return {
-        "name": facts.name,
-        "versions": [facts.version],
-        "platform": f"evalserve_{facts.source}",
-        "inputs": [
-            {"name": "image", "datatype": "BYTES", "shape": [-1]},
-            {"name": "image_uint8", "datatype": "UINT8", "shape": [-1, height, width, channels]},
-            {"name": "input_fp32", "datatype": "FP32", "shape": [-1, channels, height, width]},
-        ],
-        "outputs": [
-            {"name": codec.OUTPUT, "datatype": "FP32", "shape": [-1, len(facts.labels)]},
-        ],
-        "parameters": {
-            "inputs": "send exactly one of the inputs; it is recognised by its datatype",
-        },
-    }
+    return codec.server_metadata(__version__)
 
 
 @router.get("/models/{name}")
 async def model_metadata(model: AnyVersion) -> dict[str, Any]:
-    return _metadata(model)
+    return codec.model_metadata(model.describe())
 
 
 @router.get("/models/{name}/versions/{version}")
 async def model_version_metadata(model: AtVersion) -> dict[str, Any]:
-    return _metadata(model)
+    return codec.model_metadata(model.describe())
 
 
 def _model_ready(request: Request, model: ServedModel) -> Response:
@@ -172,7 +139,7 @@ async def infer_version(call: Annotated[Inference, Depends(_inference_at)]) -> R
 
 async def _infer(call: Inference) -> Response:
     body = await call.read_body(read_all)
-    inference, binary = codec.split_body(body, call.request.headers.get(HEADER_LENGTH))
+    inference, binary = codec.split_body(body, call.headers.get(HEADER_LENGTH))
     tensor, raw = codec.the_input(inference, binary)
     call.expect(codec.image_count(tensor))  # before decoding anything
     facts = call.model.describe()
