@@ -155,6 +155,11 @@ class Batcher(Generic[T, R]):
         return self._in_flight
 
     @property
+    def announced(self) -> int:
+        """Items announced (``announce``) and not yet submitted: their request is decoding."""
+        return self._expected
+
+    @property
     def alive(self) -> bool:
         """Started and its loop has not died (stopping cleanly still counts as alive)."""
         return self._task is not None and self.death is None

@@ -14,13 +14,15 @@ from fastapi import FastAPI
 from app import __version__
 from app.api import docs, health, models, predict, ui, v2
 from app.api.errors import install_error_handlers
+from app.api.grpc.service import serve_grpc
 from app.api.middleware import RequestMiddleware
+from app.api.v2 import repository as v2_repository
 from app.batching import Batcher
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.serving import open_serving
-from app.state import Serving
+from app.state import ServedModel, Serving
 
 logger = logging.getLogger("evalserve")
 
@@ -38,8 +40,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             try:
+                if settings.grpc_port:
+                    # Bound first, so a taken port fails before minutes of loading; until the
+                    # models are ready it answers not ready. It stops after the batchers.
+                    await stack.enter_async_context(serve_grpc(app.state, settings))
                 serving = await stack.enter_async_context(
-                    open_serving(settings, observer=metrics.observer, on_death=batch_loop_died)
+                    open_serving(
+                        settings,
+                        observer=metrics.observer,
+                        on_death=batch_loop_died,
+                        # Models loaded or unloaded later join or leave the gauges too.
+                        watch=partial(_watch_model, metrics, lifecycle),
+                        unwatch=metrics.unwatch_model,
+                    )
                 )
             except Exception as exc:
                 # One line naming the model and the cause; the traceback only at debug level
@@ -47,13 +60,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 logger.error("cannot start: %s", exc)
                 logger.debug("start-up failed", exc_info=True)
                 raise
-            for model in serving.models.values():
-                metrics.watch_model(
-                    model.name,
-                    depth=partial(getattr, model.batcher, "depth"),
-                    in_flight=partial(_images_in_flight, model.batcher),
-                    ready=partial(_model_ready, serving, model.name, lifecycle),
-                )
             app.state.serving = serving
             logger.info("evalserve ready: %s", ", ".join(serving.models))
             try:
@@ -91,15 +97,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.metrics_router)
     app.include_router(v2.open_router)
     app.include_router(v2.router)
+    # Documented only when on: /docs shows what this server will do (and its fuzz tests hold
+    # that no documented operation answers 5xx, as these do, 501, when model control is off).
+    app.include_router(v2_repository.router, include_in_schema=settings.model_control)
     docs.install(app)
     if settings.ui:
         ui.install(app)
     return app
 
 
+def _watch_model(
+    metrics: Metrics, lifecycle: Lifecycle, serving: Serving, model: ServedModel
+) -> None:
+    """Read the model's gauges at scrape time, from start-up or from when it was loaded."""
+    metrics.watch_model(
+        model.name,
+        depth=partial(getattr, model.batcher, "depth"),
+        in_flight=partial(_images_in_flight, model.batcher),
+        ready=partial(_model_ready, serving, model.name, lifecycle),
+    )
+
+
 def _model_ready(serving: Serving, name: str, lifecycle: Lifecycle) -> bool:
     """The evalserve_model_ready gauge: loaded and warm, its batch loop alive, not draining."""
-    return serving.ready and not lifecycle.draining and serving.models[name].batcher.alive
+    # By name, so a reloaded model's gauge reads the model that serves now.
+    model = serving.models.get(name)
+    return model is not None and serving.ready and not lifecycle.draining and model.batcher.alive
 
 
 def _images_in_flight(batcher: Batcher[Any, Any]) -> int:

@@ -75,6 +75,25 @@ class InferenceFailed(ServiceError):
     status_code, code = 500, "inference_failed"
 
 
+class ModelControlOff(ServiceError):
+    """The server was started without model control. 501, as Triton answers when its model
+    control mode does not allow the operation: not 403, which here means a wrong API key."""
+
+    status_code, code = 501, "model_control_disabled"
+
+
+class ModelLoadError(ServiceError):
+    """The model could not be loaded (its files, its config); the message is the cause."""
+
+    status_code, code = 400, "model_load_failed"
+
+
+class ModelControlDenied(ServiceError):
+    """A model-control operation that is not allowed (unloading the default model)."""
+
+    status_code, code = 400, "model_control_refused"
+
+
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
