@@ -299,15 +299,48 @@ def load_spec(directory: Path) -> ModelSpec:
     )
 
 
-def discover(repository: Path) -> dict[str, ModelSpec]:
-    """Every model in the repository, by name. Folders without a model.toml are ignored."""
+def discover(repository: Path, name: str | None = None) -> dict[str, ModelSpec]:
+    """Every model in the repository, by name.
+
+    The repository is either a folder of model folders, ``<repository>/<model>/model.toml``,
+    each named by its folder (folders without a model.toml are ignored), or one model folder
+    itself, ``<repository>/model.toml``: the layout KServe's storage initializer leaves in
+    /mnt/models. That one is served as the model ``name`` (the caller passes the default
+    model's name; without one, the folder's name). Model files with no model.toml (a bare .pt2,
+    a TorchServe .mar) are refused with a message saying to add one: labels and preprocessing
+    are not in them."""
     if not repository.is_dir():
         raise ModelConfigError("*", f"model repository {str(repository)!r} is not a directory")
+    if (repository / MODEL_FILE).is_file():
+        from dataclasses import replace
+
+        model = repository.name if name is None else name
+        if not _NAME_PATTERN.match(model):
+            raise ModelConfigError(model, "not a valid model name ([A-Za-z0-9_.-], 64 at most)")
+        try:
+            spec = load_spec(repository)
+        except ModelConfigError as exc:
+            raise ModelConfigError(model, exc.cause) from exc
+        return {model: replace(spec, name=model)}
     specs = {
         child.name: load_spec(child)
         for child in sorted(repository.iterdir())
         if child.is_dir() and (child / MODEL_FILE).is_file()
     }
-    if not specs:
-        raise ModelConfigError("*", f"no model.toml found under {str(repository)!r}")
-    return specs
+    if specs:
+        return specs
+    # Weights without a model.toml, at the top or one folder down (TorchServe's model-store/).
+    weights = (".pt2", ".pt", ".pth", ".mar")
+    found = sorted(
+        str(path.relative_to(repository))
+        for path in (*repository.iterdir(), *repository.glob("*/*"))
+        if path.is_file() and path.suffix.lower() in weights
+    )
+    if found:
+        raise ModelConfigError(
+            name or "*",
+            f"{str(repository)!r} holds {', '.join(found)} but no {MODEL_FILE}; evalserve needs "
+            f"a {MODEL_FILE} beside the model file for its labels and preprocessing: add one "
+            "(README, The model repository)",
+        )
+    raise ModelConfigError("*", f"no model.toml found under {str(repository)!r}")

@@ -118,7 +118,7 @@ def measure(
         sides.append(("fp32", candidate))
     else:
         raise ValueError(f"cannot compare {candidate!r} (one of {', '.join(CANDIDATES)})")
-    spec = discover(repository)[model]
+    spec = discover(repository, model)[model]
     transform = ImageTransform.from_spec(spec.preprocessing)
     arrays = [transform(image) for image in (test_images() if images is None else images)]
     where = resolve_device(device)

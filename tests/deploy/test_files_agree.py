@@ -141,7 +141,7 @@ def test_deployment_probes_hit_the_app_health_routes_on_the_image_port(
     base_manifests: dict[str, dict[str, Any]], image: Image
 ) -> None:
     [container] = base_manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
-    port = int(image.one("EXPOSE"))
+    port, grpc_port = map(int, image.one("EXPOSE").split())
     assert probes(container) == {
         "startupProbe": ("/health/ready", port),
         "readinessProbe": ("/health/ready", port),
@@ -152,8 +152,12 @@ def test_deployment_probes_hit_the_app_health_routes_on_the_image_port(
     assert env["EVALSERVE_PORT"] == str(port)
     assert env["EVALSERVE_HOST"] == "0.0.0.0"
     assert env["EVALSERVE_MODEL_REPOSITORY"] == image.env["EVALSERVE_MODEL_REPOSITORY"]
+    assert env["EVALSERVE_GRPC_PORT"] == str(grpc_port)
     service = base_manifests["Service"]
-    assert resolve_port(container, service["spec"]["ports"][0]["targetPort"]) == port
+    http, grpc = service["spec"]["ports"]
+    assert resolve_port(container, http["targetPort"]) == port
+    assert resolve_port(container, grpc["targetPort"]) == grpc_port
+    assert grpc["appProtocol"] == "grpc"
     scrape = base_manifests["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert scrape["prometheus.io/path"] in app_routes()
     assert int(scrape["prometheus.io/port"]) == port
@@ -185,11 +189,15 @@ def test_kserve_predictor_runs_the_deployment_image_with_the_same_probes_and_sto
     [deployed] = deployment_pod["containers"]
     assert container["name"] == "kserve-container"
     assert container["image"] == deployed["image"]
-    assert [p["containerPort"] for p in container["ports"]] == [int(image.one("EXPOSE"))]
+    # One port: Knative (KServe's serverless mode) allows no more; gRPC goes through the
+    # serving runtime (clusterservingruntime.yaml) instead.
+    assert [p["containerPort"] for p in container["ports"]] == [int(image.one("EXPOSE").split()[0])]
     assert probes(container) == probes(deployed)
     # Knative (KServe's serverless mode) refuses a probe port other than the container port.
     assert all(isinstance(container[k]["httpGet"]["port"], int) for k in probes(container))
-    assert container["env"] == deployed["env"]
+    without_grpc = [e for e in deployed["env"] if e["name"] != "EVALSERVE_GRPC_PORT"]
+    assert [e for e in container["env"] if e["name"] != "EVALSERVE_GRPC_PORT"] == without_grpc
+    assert {"name": "EVALSERVE_GRPC_PORT", "value": "0"} in container["env"]
     assert grace_budget(predictor) == grace_budget(deployment_pod)
     # kubernetes-validate has no KServe schema; what is left of the predictor is a PodSpec.
     pod_spec = {k: v for k, v in predictor.items() if k not in KSERVE_COMPONENT_FIELDS}
