@@ -43,8 +43,9 @@ $(RUNTIME): pyproject.toml requirements/lock.txt
 
 $(TESTING): $(RUNTIME)
 	@echo "evalserve: adding OpenVINO and the test tools to $(VENV) (pytest, ruff, mypy," \
-		"import-linter, Playwright, schemathesis, tritonclient, hadolint, kubernetes-validate, ...)"
-	$(PIP) install --quiet -c requirements/lock.txt -e '.[onnxruntime,openvino,test,deploy-check]'
+		"import-linter, Playwright, schemathesis, tritonclient, hadolint, kubernetes-validate," \
+		"Ray Serve, ...)"
+	$(PIP) install --quiet -c requirements/lock.txt -e '.[onnxruntime,openvino,test,deploy-check,ray]'
 	touch $@
 
 install: $(RUNTIME)
@@ -58,8 +59,8 @@ serve: $(RUNTIME)
 	$(BIN)/evalserve serve
 
 lint: $(TESTING)
-	$(BIN)/ruff check app tests scripts models bench
-	$(BIN)/ruff format --check app tests scripts models bench
+	$(BIN)/ruff check app tests scripts models bench deploy
+	$(BIN)/ruff format --check app tests scripts models bench deploy
 	$(BIN)/mypy
 	$(BIN)/mypy tests
 	$(BIN)/lint-imports
