@@ -21,7 +21,6 @@ def test_load_unload_and_reload_under_load_lose_no_request(tmp_path: Path) -> No
     """8 clients ask the default model without pause while digits is unloaded, loaded and
     reloaded 3 times, and then the default model itself is reloaded: every request is answered
     200 with the cat, and every operation works."""
-    began = time.monotonic()
     cat = photo("chelsea.jpg")
     with running_server(tmp_path / "server.log", EVALSERVE_MODEL_CONTROL="true") as server:
         stop = threading.Event()
@@ -73,7 +72,6 @@ def test_load_unload_and_reload_under_load_lose_no_request(tmp_path: Path) -> No
     # The server's own count: every answer came from a forward pass of the default model.
     images = metric(metrics, "evalserve_images_processed_total", model=DEFAULT_MODEL)
     assert images == len(every)
-    assert time.monotonic() - began < 60
 
 
 def test_unloading_a_model_gives_its_memory_back(tmp_path: Path) -> None:
