@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Largest decoded image (width x height); larger ones get 413.",
     )
+    max_request_pixels: int = Field(
+        default=200_000_000,
+        ge=1,
+        le=10**12,
+        description="Most pixels all of a request's images may decode to; more get 413.",
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,
@@ -150,6 +156,18 @@ class Settings(BaseSettings):
     )
     keep_alive_s: float = Field(
         default=5.0, gt=0.0, le=600.0, description="Idle keep-alive connections close after this."
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=600.0,
+        description="Most time a request head may take to arrive; then the connection closes.",
+    )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Most open connections; a connection beyond them is answered 503.",
     )
 
     def api_key_list(self) -> list[str]:
