@@ -33,7 +33,10 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def configure(level: str, fmt: str) -> None:
-    """Route every logger (uvicorn's included) to one stderr handler in the chosen format."""
+    """Route every logger (uvicorn's included), and Python warnings (Pillow's, torch's), to one
+    stderr handler in the chosen format."""
+    # A warning would otherwise be printed to stderr raw, over lines, between the JSON objects.
+    logging.captureWarnings(True)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()

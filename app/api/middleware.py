@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_body
+from app.api.errors import error_body_at
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 
@@ -68,14 +68,31 @@ class Exchange:
             message = {**message, "headers": headers}
         await self.downstream(message)
 
-    async def send_error(self, status: int, code: str, message: str) -> None:
-        body = json.dumps(error_body(code, message)).encode()
+    async def send_error(self, status: int, code: str, message: str, path: str = "") -> None:
+        body = json.dumps(error_body_at(path, code, message)).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
         ]
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
+
+
+def printable(text: str) -> str:
+    """``text`` with ``\\``, ``"`` and every non-printable character (CR, LF, ESC, ...) escaped
+    as Python writes them, so a percent-decoded path such as ``/v1/%0d%0aFAKE`` cannot forge a
+    line, or a field, of a text log."""
+    if text.isprintable() and "\\" not in text and '"' not in text:
+        return text  # nearly every path
+    return "".join(_escaped(c) for c in text)
+
+
+def _escaped(c: str) -> str:
+    if c == '"':
+        return '\\"'
+    if c == "\\" or not c.isprintable():
+        return c.encode("unicode_escape").decode("ascii")
+    return c
 
 
 def log_access(scope: Scope, exchange: Exchange, seconds: float) -> None:
@@ -86,7 +103,7 @@ def log_access(scope: Scope, exchange: Exchange, seconds: float) -> None:
         '%s "%s %s" %d %.1fms images=%s model=%s request_id=%s',
         host or "-",
         scope["method"],
-        scope["path"],
+        printable(scope["path"]),  # the message only: the path field stays exact
         exchange.status,
         seconds * 1000,
         info.get("images", "-"),
@@ -141,6 +158,7 @@ class RequestMiddleware:
                     431,
                     "header_too_large",
                     f"request headers are {head} bytes, the limit is {self.max_header_bytes}",
+                    scope["path"],
                 )
                 return
             await self.app(scope, receive, exchange.send)
@@ -148,9 +166,11 @@ class RequestMiddleware:
             error_logger.exception(
                 "unhandled error on %s %s",
                 scope["method"],
-                scope["path"],
+                printable(scope["path"]),
                 extra={"request_id": exchange.request_id},
             )
             exchange.status = 500
             if not exchange.started:
-                await exchange.send_error(500, "internal_error", "internal server error")
+                await exchange.send_error(
+                    500, "internal_error", "internal server error", scope["path"]
+                )

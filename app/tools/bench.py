@@ -8,6 +8,9 @@ process (async httpx, one connection per client, each client sending its next im
 the last is answered), against a server it starts (or ``--url``). With ``--protocol grpc`` the
 clients speak the gRPC Open Inference Protocol instead (one channel each, the JPEG as a BYTES
 tensor, the top 5 as the classification output, the same work as ``/v1``'s default answer).
+Over HTTP, a request whose connection is lost before any answer (reset or closed before the
+response's head, never a timeout) is sent again at once, as ``app.client`` would, up to 3 times;
+each level reports how many such resends it made, and its latency includes them.
 Mean batch sizes, and the server's own count of the requests it answered, come from the
 server's ``/metrics``.
 Results go to a JSON file and a PNG plot.
@@ -40,6 +43,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import photos
+from app.client import resendable
 from app.config import Settings
 from app.model.exported import available
 from app.model.repository import discover
@@ -85,9 +89,13 @@ class Level:
     fraction_of_limit: float = 0.0
     # Against the fastest runtime's in-process limit (the served one's unless --peer-limit).
     fraction_of_peer_limit: float = 0.0
-    # Distinct transport errors (connection reset or closed without a response), if any; each
-    # occurrence is also counted in ``errors``.
+    # Distinct transport errors of requests that failed for good (connection reset or closed
+    # after the resends, or after the answer began), if any; each is also counted in ``errors``.
     connection_errors: list[str] = field(default_factory=list)
+    # Requests sent again after a connection lost before any answer (HTTP only; see HttpClient).
+    # A resent request counts once in ``requests``, its latency includes the lost attempts, and
+    # the server counted an attempt in ``server_requests`` only if it had received it.
+    retries: int = 0
 
 
 def measure_limit(settings: Settings, model: str, images: list[bytes], seconds: float) -> Limit:
@@ -175,9 +183,17 @@ def server_totals(url: str, model: str) -> ServerTotals:
 
 
 class HttpClient:
-    """One simulated client over HTTP: one connection, ``POST /v1/models/{model}/predict``."""
+    """One simulated client over HTTP: one connection, ``POST /v1/models/{model}/predict``.
+
+    A request whose connection is lost before the response's head arrives is sent again at once
+    (``app.client.resendable``: reset, closed or refused, not timed out), up to ``RETRIES`` times,
+    and counted in ``retries``; a real client would resend it, and the server's failure stays
+    visible in the count instead of in ``errors``."""
+
+    RETRIES = 3
 
     def __init__(self, url: str, model: str, api_key: str | None) -> None:
+        self.retries = 0
         self.headers = {"Content-Type": "image/jpeg"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -188,12 +204,28 @@ class HttpClient:
 
     async def send(self, image: bytes) -> bool:
         """Whether the image was answered 200; raises ``ConnectionError`` when the connection
-        failed without an answer."""
-        try:
-            response = await self.client.post(self.path, content=image, headers=self.headers)
-        except httpx.TransportError as exc:
-            raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
-        return response.status_code == 200
+        failed without an answer after the resends, or while the answer was arriving."""
+        attempt = 0
+        while True:
+            request = self.client.build_request(
+                "POST", self.path, content=image, headers=self.headers
+            )
+            try:
+                # stream=True returns once the head has arrived; what fails before it is resent.
+                response = await self.client.send(request, stream=True)
+            except httpx.TransportError as exc:
+                if attempt < self.RETRIES and resendable(exc):
+                    attempt += 1
+                    self.retries += 1
+                    continue
+                raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+            try:
+                await response.aread()
+            except httpx.TransportError as exc:
+                raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                await response.aclose()
+            return response.status_code == 200
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -207,6 +239,7 @@ class GrpcClient:
 
         from app.api.grpc import messages
 
+        self.retries = 0  # never: an UNAVAILABLE call is counted in errors, not resent
         self.grpc = grpc
         self.messages = messages
         self.model = model
@@ -261,6 +294,7 @@ async def drive(
     try:
         # Open every connection first, uncounted.
         await asyncio.gather(*(client.send(images[0]) for client in pool))
+        retried_before = sum(client.retries for client in pool)
         before = server_totals(url, model)
         stop_at = time.perf_counter() + seconds
 
@@ -288,6 +322,7 @@ async def drive(
         began = time.perf_counter()
         await asyncio.gather(*(one_client(k) for k in range(clients)))
         elapsed = time.perf_counter() - began
+        retries = sum(client.retries for client in pool) - retried_before
         after = server_totals(url, model)
     finally:
         await asyncio.gather(*(client.close() for client in pool))
@@ -310,6 +345,7 @@ async def drive(
         mean_batch_size=batched / batches if batches else 0.0,
         server_requests=round(getattr(after, counted) - getattr(before, counted)),
         connection_errors=sorted(dropped),
+        retries=retries,
     )
 
 
@@ -531,6 +567,11 @@ def format_result(result: dict[str, Any]) -> str:
             f"{level['fraction_of_limit']:>9.0%}{of_peer} {level['errors']:>7}"
         )
     for level in result["served"]:
+        if level.get("retries"):
+            lines.append(
+                f"  {level['concurrency']} clients: {level['retries']} requests sent again after "
+                "a connection lost before an answer"
+            )
         for error in level.get("connection_errors", []):
             lines.append(f"  {level['concurrency']} clients, connection error: {error}")
     plotted = f", plot: {result['plot']}" if result["plot"] else " (no plot: install matplotlib)"

@@ -190,9 +190,10 @@ def evaluate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"evalserve evaluate: {exc}", file=sys.stderr)
         return 2
     # The bar goes to stderr, only on a terminal, and only once a run has lasted a second.
+    retried = None
     with tqdm(total=len(samples), unit="img", delay=1.0, disable=None, leave=False) as bar:
         if args.url:
-            outcomes, seconds = ev.evaluate_remote(
+            outcomes, seconds, retried = ev.evaluate_remote(
                 args.url, model, samples, concurrency=args.concurrency, progress=bar.update
             )
             source = args.url
@@ -208,7 +209,7 @@ def evaluate(args: argparse.Namespace, settings: Settings) -> int:
                 progress=bar.update,
             )
             source = "in process"
-    report = ev.summarize(model, source, outcomes, seconds)
+    report = ev.summarize(model, source, outcomes, seconds, retried)
     print(json.dumps(report.to_dict(), indent=2) if args.json else ev.format_report(report))
     return 0
 

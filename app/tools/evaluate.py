@@ -3,8 +3,9 @@
 DATA_DIR is in torchvision ImageFolder layout: one folder per class, named by the model's label.
 In process, the model is loaded exactly as the server loads it (eval mode, inference mode in its
 worker thread) and fed by a batching DataLoader with the server's own preprocessing. With a URL,
-every image is sent to a running server and accuracy is counted from the responses. Either way,
-an unreadable image is reported by path and counted, not fatal.
+every image is sent to a running server and accuracy is counted from the responses, and the
+requests the client had to send again (a connection lost before an answer, or a 503) are
+counted and reported. Either way, an unreadable image is reported by path and counted, not fatal.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from app.client import AsyncClient, EvalserveError
+from app.client import AsyncClient, EvalserveError, Retried
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 TOP_K = 5
@@ -90,12 +91,20 @@ class Report:
     confused: list[dict[str, Any]]
     unreadable: list[dict[str, str]]
     predictions: list[dict[str, str]] = field(repr=False)
+    # Over HTTP: requests sent again, by cause (connection, overloaded); None in process.
+    retries: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def summarize(model: str, source: str, outcomes: Sequence[Outcome], seconds: float) -> Report:
+def summarize(
+    model: str,
+    source: str,
+    outcomes: Sequence[Outcome],
+    seconds: float,
+    retried: Retried | None = None,
+) -> Report:
     read = [o for o in outcomes if o.error is None]
     top1 = sum(o.top[0] == o.sample.label for o in read)
     top5 = sum(o.sample.label in o.top[:TOP_K] for o in read)
@@ -126,6 +135,7 @@ def summarize(model: str, source: str, outcomes: Sequence[Outcome], seconds: flo
             {"path": str(o.sample.path), "label": o.sample.label, "predicted": o.top[0]}
             for o in read
         ],
+        retries=asdict(retried) if retried is not None else None,
     )
 
 
@@ -136,6 +146,13 @@ def format_report(report: Report) -> str:
         f"unreadable {len(report.unreadable)}",
         f"top-1 accuracy {report.top1:.2%}   top-5 accuracy {report.top5:.2%}",
         f"{report.images_per_s:.1f} images/s ({report.seconds:.2f} s)",
+    ]
+    if report.retries is not None:
+        lines.append(
+            f"retries: {report.retries['connection']} after a lost connection, "
+            f"{report.retries['overloaded']} after a 503"
+        )
+    lines += [
         "",
         f"{'class':<24} {'images':>7} {'correct':>8} {'accuracy':>9}",
     ]
@@ -225,7 +242,7 @@ async def _evaluate_remote(
     concurrency: int,
     request_timeout: float,
     progress: Progress,
-) -> tuple[list[Outcome], float]:
+) -> tuple[list[Outcome], float, Retried]:
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with AsyncClient(url, timeout=request_timeout, limits=limits) as client:
@@ -250,7 +267,7 @@ async def _evaluate_remote(
 
         start = time.perf_counter()
         outcomes = await asyncio.gather(*(one(sample) for sample in samples))
-        return list(outcomes), time.perf_counter() - start
+        return list(outcomes), time.perf_counter() - start, client.retried
 
 
 def evaluate_remote(
@@ -261,6 +278,7 @@ def evaluate_remote(
     concurrency: int = 8,
     timeout: float = 60.0,
     progress: Progress = lambda _: None,
-) -> tuple[list[Outcome], float]:
-    """Send every image to the server at ``url``; outcomes in ``samples`` order."""
+) -> tuple[list[Outcome], float, Retried]:
+    """Send every image to the server at ``url``: outcomes in ``samples`` order, the seconds it
+    took, and the requests the client sent again (see ``app.client``)."""
     return asyncio.run(_evaluate_remote(url, model, samples, concurrency, timeout, progress))
