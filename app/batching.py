@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import BrokenExecutor, Executor
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -48,6 +48,16 @@ class BatcherDead(BatcherError):
     """The batch loop itself died (a bug, logged with its traceback): nothing will be computed."""
 
 
+class BatchTooLarge(BatcherError):
+    """The batch holding this item did not fit, nor did its half retried alone: ``compute``
+    raised the batcher's ``split_on`` error (out of memory) twice. Later batches may fit."""
+
+
+class WorkerLost(BatcherError):
+    """The executor takes no more work (shut down, or broken): no batch can ever be computed.
+    The batch loop dies of it."""
+
+
 class BatchObserver(Protocol):
     """Told about every batch, e.g. to record metrics. Called on the event loop: keep it cheap."""
 
@@ -56,6 +66,13 @@ class BatchObserver(Protocol):
 
     def batch_failed(self, size: int) -> None:
         """A batch of ``size`` items raised."""
+
+    def batch_split(self, size: int) -> None:
+        """A batch of ``size`` items raised ``split_on`` and is retried as two halves."""
+
+    def batch_stalled(self, size: int) -> None:
+        """A batch of ``size`` items has computed for longer than ``stall_after_s`` (and still
+        does: ``Batcher.stalled`` is true until it returns)."""
 
 
 @dataclass(slots=True)
@@ -96,6 +113,8 @@ class BatchStats:
     items: int = 0
     largest_batch: int = 0
     failed_batches: int = 0
+    split_batches: int = 0
+    stalled_batches: int = 0
 
 
 class Batcher(Generic[T, R]):
@@ -104,6 +123,11 @@ class Batcher(Generic[T, R]):
     A batch closes when it holds ``max_batch_size`` items or when ``max_delay_s`` has passed since
     its first item *arrived* (so items that queued while the previous batch ran do not wait again).
     While one batch computes, the next keeps gathering in the queue.
+
+    A batch that raises ``split_on`` (out of memory) is computed again as two halves, once; the
+    items of a half that raises it again fail with ``BatchTooLarge``. A batch that computes for
+    longer than ``stall_after_s`` makes ``stalled`` true (and is logged) until it returns. An
+    executor that refuses work kills the loop (``WorkerLost``), as a bug in the loop does.
     """
 
     def __init__(
@@ -118,9 +142,13 @@ class Batcher(Generic[T, R]):
         observer: BatchObserver | None = None,
         close_when_idle: bool = False,
         on_death: Callable[[BaseException], None] | None = None,
+        split_on: type[Exception] | tuple[type[Exception], ...] = (),
+        stall_after_s: float | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
+        if stall_after_s is not None and stall_after_s <= 0:
+            raise ValueError("stall_after_s must be > 0")
         self._compute = compute
         self._executor = executor
         self.max_batch_size = max_batch_size
@@ -132,6 +160,9 @@ class Batcher(Generic[T, R]):
         # Told once if the batch loop dies: the owner turns not-ready and stops the process.
         self._on_death = on_death
         self.death: BaseException | None = None
+        self._split_on = split_on
+        self.stall_after_s = stall_after_s
+        self._stalled = False
         # With close_when_idle, a batch waits out the delay only while arrivals are announced.
         self._close_when_idle = close_when_idle
         # A deque we own rather than asyncio.Queue: waiting is on an Event, so a timed-out wait
@@ -158,6 +189,12 @@ class Batcher(Generic[T, R]):
     def announced(self) -> int:
         """Items announced (``announce``) and not yet submitted: their request is decoding."""
         return self._expected
+
+    @property
+    def stalled(self) -> bool:
+        """The batch computing now has run for longer than ``stall_after_s`` (hung, or far
+        slower than its callers wait for); false again once it returns."""
+        return self._stalled
 
     @property
     def alive(self) -> bool:
@@ -280,6 +317,7 @@ class Batcher(Generic[T, R]):
         """Record the loop's death, log it with its traceback, fail every item it still held
         (so no caller waits out its timeout), and tell the owner."""
         self.death = exc
+        self._stalled = False
         logger.critical("%s: the batch loop died; no more batches", self.name, exc_info=exc)
         error = BatcherDead(f"{self.name} stopped computing: its batch loop died")
         for item in [*self._computing, *self._items]:
@@ -310,27 +348,110 @@ class Batcher(Generic[T, R]):
             self._computing = live
             self._in_flight = len(live)
             started = loop.time()
-            try:
-                outputs = await loop.run_in_executor(
-                    self._executor, self._compute, [item.payload for item in live]
-                )
-                pairs = list(zip(live, outputs, strict=True))
-            except Exception as exc:
-                self._computing, self._in_flight = [], 0
-                self.stats.failed_batches += 1
-                logger.exception("%s: a batch of %d items failed", self.name, len(live))
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(BatchFailed(f"batch failed: {exc!r}"))
-                self._notify("batch_failed", len(live))
-                continue
-            self._computing, self._in_flight = [], 0
-            self.stats.batches += 1
-            self.stats.items += len(live)
-            self.stats.largest_batch = max(self.stats.largest_batch, len(live))
-            for item, output in pairs:
-                if not item.future.done():
-                    item.future.set_result(output)
-            self._notify(
-                "batch_done", [started - item.enqueued_at for item in live], loop.time() - started
+            watch = (
+                loop.call_later(self.stall_after_s, self._stall, len(live), started)
+                if self.stall_after_s is not None
+                else None
             )
+            try:
+                await self._answer(live)
+            finally:
+                if watch is not None:
+                    watch.cancel()
+            if self._stalled:
+                self._stalled = False
+                logger.warning(
+                    "%s: the stalled batch returned after %.1f s", self.name, loop.time() - started
+                )
+            self._computing, self._in_flight = [], 0
+
+    async def _answer(self, live: list[_Item[T, R]]) -> None:
+        """Compute ``live`` and answer every item. When it does not fit (``split_on``), once
+        more as two halves: a half that does not fit either is answered ``BatchTooLarge``."""
+        reason = await self._attempt(live)
+        if reason is None:
+            return
+        if len(live) == 1:
+            self._too_large(live, reason)
+            return
+        # The error, and whatever its traceback held (the batch's tensors), is gone by now.
+        self.stats.split_batches += 1
+        logger.warning(
+            "%s: a batch of %d items did not fit (%s); computing it as two halves",
+            self.name,
+            len(live),
+            reason,
+        )
+        self._notify("batch_split", len(live))
+        middle = (len(live) + 1) // 2
+        for half in (live[:middle], live[middle:]):
+            half = [item for item in half if not item.future.done()]
+            if half and (reason := await self._attempt(half)) is not None:
+                self._too_large(half, reason)
+
+    async def _attempt(self, items: list[_Item[T, R]]) -> str | None:
+        """Compute ``items`` and answer them: their results, or ``BatchFailed``. When
+        ``compute`` raised ``split_on`` instead, answer none and return why."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        payloads = [item.payload for item in items]
+        try:
+            try:
+                pending = loop.run_in_executor(self._executor, self._compute, payloads)
+            except Exception as exc:  # shut down (RuntimeError), or broken: for good
+                raise WorkerLost(f"{self.name}: its worker takes no more work ({exc})") from exc
+            try:
+                outputs = await pending
+            except BrokenExecutor as exc:
+                raise WorkerLost(f"{self.name}: its worker is broken ({exc})") from exc
+            pairs = list(zip(items, outputs, strict=True))
+        except WorkerLost:
+            raise
+        except self._split_on as exc:
+            return str(exc) or type(exc).__name__
+        except Exception as exc:
+            self.stats.failed_batches += 1
+            logger.error("%s: a batch of %d items failed", self.name, len(items), exc_info=exc)
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(BatchFailed(f"batch failed: {exc!r}"))
+            self._notify("batch_failed", len(items))
+            return None
+        self.stats.batches += 1
+        self.stats.items += len(items)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(items))
+        for item, output in pairs:
+            if not item.future.done():
+                item.future.set_result(output)
+        self._notify(
+            "batch_done", [started - item.enqueued_at for item in items], loop.time() - started
+        )
+        return None
+
+    def _too_large(self, items: list[_Item[T, R]], reason: str) -> None:
+        logger.error(
+            "%s: %d items did not fit, alone or in their half of a batch (%s); answered as too "
+            "large",
+            self.name,
+            len(items),
+            reason,
+        )
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(
+                    BatchTooLarge(f"a batch of {len(items)} did not fit: {reason}")
+                )
+
+    def _stall(self, size: int, started: float) -> None:
+        """The batch begun at ``started`` is still computing after ``stall_after_s``."""
+        self._stalled = True
+        self.stats.stalled_batches += 1
+        logger.error(
+            "%s: a batch of %d items has computed for %.1f s (the limit is %.1f s); "
+            "not ready until it returns",
+            self.name,
+            size,
+            asyncio.get_running_loop().time() - started,
+            self.stall_after_s,
+        )
+        self._notify("batch_stalled", size)

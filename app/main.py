@@ -115,14 +115,22 @@ def _watch_model(
         depth=partial(getattr, model.batcher, "depth"),
         in_flight=partial(_images_in_flight, model.batcher),
         ready=partial(_model_ready, serving, model.name, lifecycle),
+        stalled=partial(getattr, model.batcher, "stalled"),
     )
 
 
 def _model_ready(serving: Serving, name: str, lifecycle: Lifecycle) -> bool:
-    """The evalserve_model_ready gauge: loaded and warm, its batch loop alive, not draining."""
+    """The evalserve_model_ready gauge: loaded and warm, its batch loop alive and not stalled,
+    not draining."""
     # By name, so a reloaded model's gauge reads the model that serves now.
     model = serving.models.get(name)
-    return model is not None and serving.ready and not lifecycle.draining and model.batcher.alive
+    return (
+        model is not None
+        and serving.ready
+        and not lifecycle.draining
+        and model.batcher.alive
+        and not model.batcher.stalled
+    )
 
 
 def _images_in_flight(batcher: Batcher[Any, Any]) -> int:

@@ -21,7 +21,21 @@ from prometheus_client import (
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-REJECT_REASONS = ("queue_full", "timeout", "bad_image", "too_large", "batch_failed")
+# Every label takes known values only, so no client can grow /metrics: a route is a template or
+# "unmatched", a status one the app sends, and a method outside these (h11 takes any token as
+# one) is "other".
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+
+REJECT_REASONS = (
+    "queue_full",
+    "timeout",
+    "bad_image",
+    "too_large",
+    "batch_failed",
+    "out_of_memory",
+)
 
 
 class Metrics:
@@ -86,13 +100,26 @@ class Metrics:
         self.rejected = Counter(
             "evalserve_images_rejected",
             "Images refused or dropped, by reason: queue_full, timeout, bad_image, too_large, "
-            "batch_failed (their forward pass raised).",
+            "batch_failed (their forward pass raised), out_of_memory (their batch did not fit "
+            "in device memory, even halved).",
             ["model", "reason"],
             registry=r,
         )
         self.failed_batches = Counter(
             "evalserve_failed_batches",
             "Forward passes that raised; their requests were answered 500.",
+            ["model"],
+            registry=r,
+        )
+        self.oom_splits = Counter(
+            "evalserve_oom_splits",
+            "Batches that ran out of device memory and were computed again as two halves.",
+            ["model"],
+            registry=r,
+        )
+        self.stalled_batches = Counter(
+            "evalserve_stalled_batches",
+            "Batches whose forward pass ran longer than the request timeout.",
             ["model"],
             registry=r,
         )
@@ -108,7 +135,15 @@ class Metrics:
         )
         self.model_ready = Gauge(
             "evalserve_model_ready",
-            "1 when the model is loaded and warmed and the server is not draining, else 0.",
+            "1 when the model is loaded and warmed, its batch loop alive and not stalled, and "
+            "the server is not draining, else 0.",
+            ["model"],
+            registry=r,
+        )
+        self.model_stalled = Gauge(
+            "evalserve_model_stalled",
+            "1 while the model's forward pass has run longer than the request timeout (the "
+            "server is not ready meanwhile), else 0.",
             ["model"],
             registry=r,
         )
@@ -119,20 +154,29 @@ class Metrics:
         depth: Callable[[], int],
         in_flight: Callable[[], int],
         ready: Callable[[], bool],
+        stalled: Callable[[], bool],
     ) -> None:
-        """Read queue depth, images in flight and readiness at scrape time, not on the hot
-        path."""
+        """Read queue depth, images in flight, readiness and stalls at scrape time, not on the
+        hot path."""
         self.queue_depth.labels(model).set_function(depth)
         self.images_in_flight.labels(model).set_function(in_flight)
         self.model_ready.labels(model).set_function(lambda: 1.0 if ready() else 0.0)
+        self.model_stalled.labels(model).set_function(lambda: 1.0 if stalled() else 0.0)
         for reason in REJECT_REASONS:  # so a rate() query sees 0, not "no data"
             self.rejected.labels(model, reason)
+        self.oom_splits.labels(model)
+        self.stalled_batches.labels(model)
 
     def unwatch_model(self, model: str) -> None:
         """Stop reporting an unloaded model's gauges (a scrape would otherwise show a queue and
         a readiness for a model that is gone). Its counters and histograms stay: their totals
         are still true, and a model loaded again counts on from them, so rate() sees no reset."""
-        for gauge in (self.queue_depth, self.images_in_flight, self.model_ready):
+        for gauge in (
+            self.queue_depth,
+            self.images_in_flight,
+            self.model_ready,
+            self.model_stalled,
+        ):
             gauge.remove(model)
 
     def batch_done(
@@ -149,6 +193,12 @@ class Metrics:
         self.failed_batches.labels(model).inc()
         self.rejected.labels(model, "batch_failed").inc(size)
 
+    def batch_split(self, model: str) -> None:
+        self.oom_splits.labels(model).inc()
+
+    def batch_stalled(self, model: str) -> None:
+        self.stalled_batches.labels(model).inc()
+
     def observer(self, model: str) -> ModelObserver:
         return ModelObserver(self, model)
 
@@ -156,6 +206,7 @@ class Metrics:
         self.rejected.labels(model, reason).inc(images)
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        method = method if method in HTTP_METHODS else "other"
         self.requests.labels(route, method, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
 
@@ -179,3 +230,9 @@ class ModelObserver:
 
     def batch_failed(self, size: int) -> None:
         self._metrics.batch_failed(self._model, size)
+
+    def batch_split(self, size: int) -> None:  # noqa: ARG002 (counted per batch)
+        self._metrics.batch_split(self._model)
+
+    def batch_stalled(self, size: int) -> None:  # noqa: ARG002 (counted per batch)
+        self._metrics.batch_stalled(self._model)

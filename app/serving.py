@@ -13,7 +13,6 @@ import functools
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -21,7 +20,7 @@ from app.batching import Batcher, BatchObserver
 from app.config import Settings
 from app.model.repository import ModelConfigError, ModelSpec, discover
 from app.model.runtime import Classifier, resolve_device
-from app.preprocessing import ImageTransform
+from app.preprocessing import DecodePool, ImageTransform
 from app.state import (
     ModelControlDisabled,
     ModelControlRefused,
@@ -32,7 +31,7 @@ from app.state import (
     Serving,
     UnknownModel,
 )
-from app.values import Item, TopK
+from app.values import Item, OutOfMemory, TopK
 
 logger = logging.getLogger("evalserve")
 
@@ -95,6 +94,10 @@ async def start_model(
             observer=observer(name) if observer else None,
             close_when_idle=True,
             on_death=partial(on_death, name) if on_death else None,
+            # Out of device memory: the batch is tried again as two halves (507 if in vain).
+            split_on=OutOfMemory,
+            # A forward pass longer than any request waits for: not ready until it returns.
+            stall_after_s=settings.request_timeout_s,
         )
         facts = classifier.describe()
         model = ServedModel(
@@ -388,9 +391,7 @@ async def open_serving(
             f"default model {settings.default_model!r} is not in the repository "
             f"{str(settings.model_repository)!r} (found: {', '.join(specs)})"
         )
-    decode_pool = ThreadPoolExecutor(
-        max_workers=settings.decode_threads, thread_name_prefix="decode"
-    )
+    decode_pool = DecodePool(settings.decode_threads)
     models: dict[str, ServedModel] = {}
     serving = Serving(settings=settings, models=models, decode_pool=decode_pool)
     control = RepositoryControl(serving, observer, on_death, watch, unwatch)

@@ -9,14 +9,13 @@ protocol defined here.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from app.batching import Batcher
 from app.config import Settings
-from app.preprocessing import ImageTransform
+from app.preprocessing import DecodePool, ImageTransform
 from app.values import Item, ModelFacts, Runner, TopK
 
 
@@ -135,7 +134,7 @@ class NoModelControl:
 class Serving:
     settings: Settings
     models: dict[str, ServedModel]
-    decode_pool: ThreadPoolExecutor
+    decode_pool: DecodePool
     ready: bool = False
     # app.serving.open_serving sets its RepositoryControl, which refuses every operation
     # (ModelControlDisabled) unless the model_control setting is on.
@@ -148,3 +147,8 @@ class Serving:
     def failed_models(self) -> list[str]:
         """Models whose batch loop died: they can answer nothing any more."""
         return [name for name, model in self.models.items() if model.batcher.death is not None]
+
+    def stalled_models(self) -> list[str]:
+        """Models whose batch has computed for longer than the request timeout (a hung forward
+        pass): nothing they queue is answered in time until it returns."""
+        return [name for name, model in self.models.items() if model.batcher.stalled]

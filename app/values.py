@@ -67,6 +67,11 @@ class ModelFacts:
     max_logit_difference: float | None = None
 
 
+class OutOfMemory(Exception):
+    """A batch did not fit in the device's memory (torch's ``OutOfMemoryError``, left behind in
+    the model runtime so that the tensors its traceback holds are freed): a smaller batch may."""
+
+
 class Runner(Protocol):
     """A loaded model as the serving side sees it (``app.model.runtime.Classifier``)."""
 
@@ -75,7 +80,8 @@ class Runner(Protocol):
         """The one worker thread every forward pass of this model runs in."""
 
     def predict(self, items: list[Item]) -> list[TopK]:
-        """Top-k of a batch; call only in ``executor``."""
+        """Top-k of a batch; call only in ``executor``. Raises ``OutOfMemory`` when the batch
+        did not fit in the device's memory."""
 
     def submit(self, items: list[Item]) -> Future[list[TopK]]:
         """``predict`` in the worker thread."""

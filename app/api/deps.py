@@ -38,14 +38,15 @@ async def get_metrics(request: Request) -> Metrics:
 
 
 def not_ready_reason(request: Request) -> str | None:
-    """Why the server is not ready ("draining", "failed" or "loading"), or None when it is."""
+    """Why the server is not ready ("failed", "draining", "loading" or "stalled"), or None."""
     return not_ready_reason_of(request.app.state)
 
 
 def not_ready_reason_of(state: State) -> str | None:
-    """Why the server is not ready ("draining", "failed" or "loading"), or None when it is:
-    every model loaded and warmed, every batch loop alive, and not shutting down. The one
-    definition every probe uses, over HTTP and gRPC (``state`` is the app's state)."""
+    """Why the server is not ready ("failed", "draining", "loading" or "stalled"), or None when
+    it is: every model loaded and warmed, every batch loop alive, no forward pass running past
+    the request timeout, and not shutting down. The one definition every probe uses, over HTTP
+    and gRPC (``state`` is the app's state)."""
     serving: Serving | None = getattr(state, "serving", None)
     if serving is not None and serving.failed_models():
         return "failed"
@@ -53,6 +54,8 @@ def not_ready_reason_of(state: State) -> str | None:
         return "draining"
     if serving is None or not serving.ready:
         return "loading"
+    if serving.stalled_models():
+        return "stalled"
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -75,6 +76,13 @@ class InferenceFailed(ServiceError):
     status_code, code = 500, "inference_failed"
 
 
+class InsufficientStorage(ServiceError):
+    """The batch holding the request did not fit in the device's memory, even halved: 507, as
+    TorchServe answers a CUDA out-of-memory error."""
+
+    status_code, code = 507, "insufficient_storage"
+
+
 class ModelControlOff(ServiceError):
     """The server was started without model control. 501, as Triton answers when its model
     control mode does not allow the operation: not 403, which here means a wrong API key."""
@@ -98,14 +106,26 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
+def error_body_at(path: str, code: str, message: str) -> dict[str, Any]:
+    """The error body for a request to ``path``: the Open Inference Protocol's own
+    ``{"error": "..."}`` under /v2, ``error_body`` everywhere else."""
+    if _is_v2_path(path):
+        return {"error": message}
+    return error_body(code, message)
+
+
 def error_response(
     status_code: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse(error_body(code, message), status_code=status_code, headers=headers)
 
 
+def _is_v2_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def _is_v2(request: Request) -> bool:
-    return request.url.path == "/v2" or request.url.path.startswith("/v2/")
+    return _is_v2_path(request.url.path)
 
 
 def _respond(

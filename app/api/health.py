@@ -21,7 +21,9 @@ async def live() -> HealthStatus:
 @router.get(
     "/ready",
     response_model=HealthStatus,
-    responses={503: {"model": ErrorResponse, "description": "Loading, shutting down, or failed."}},
+    responses={
+        503: {"model": ErrorResponse, "description": "Loading, shutting down, stalled or failed."}
+    },
 )
 async def ready(request: Request) -> HealthStatus | JSONResponse:
     """200 only when every model is loaded and warmed and the server is not shutting down."""
@@ -30,6 +32,10 @@ async def ready(request: Request) -> HealthStatus | JSONResponse:
         return error_response(503, "failed", "a model stopped serving; the server is stopping")
     if reason == "draining":
         return error_response(503, "draining", "the server is shutting down")
+    if reason == "stalled":
+        return error_response(
+            503, "stalled", "a forward pass has run longer than the request timeout"
+        )
     if reason is not None:
         return error_response(503, "not_ready", "models are loading")
     return HealthStatus(status="ready")

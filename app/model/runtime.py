@@ -31,7 +31,15 @@ from app.model.optimize import (
 )
 from app.model.repository import ModelConfigError, ModelSpec
 from app.preprocessing import ImageTransform
-from app.values import Item, ModelFacts, Precision, PreprocessingFacts, Runtime, TopK
+from app.values import (
+    Item,
+    ModelFacts,
+    OutOfMemory,
+    Precision,
+    PreprocessingFacts,
+    Runtime,
+    TopK,
+)
 
 logger = logging.getLogger("evalserve.runtime")
 
@@ -583,7 +591,19 @@ class Classifier:
 
     def predict(self, items: Sequence[Item]) -> list[TopK]:
         """Top-k classes of a batch. Runs in the worker thread (``self.executor``): use
-        ``submit`` or ``predict_blocking`` from anywhere else."""
+        ``submit`` or ``predict_blocking`` from anywhere else. Raises ``OutOfMemory`` when the
+        batch did not fit in the device's memory (the batcher then tries it in halves)."""
+        try:
+            return self._top_k(items)
+        except torch.cuda.OutOfMemoryError as exc:
+            cause = " ".join(str(exc).split())[:300]
+        # Out of the except block, torch's error is gone, and with its traceback the batch's
+        # tensors: what they held goes back to the allocator, and its cache to the device.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise OutOfMemory(f"out of memory on {self.device}: {cause}")
+
+    def _top_k(self, items: Sequence[Item]) -> list[TopK]:
         with torch.inference_mode():
             logits = self._logits([item.array for item in items])
             k = min(max(item.top_k for item in items), logits.shape[1])
