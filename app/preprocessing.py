@@ -1,4 +1,5 @@
-"""Bytes to a checked, decoded, resized uint8 array: pure functions, safe to run in a thread pool.
+"""Bytes to a checked, decoded, resized uint8 array: pure functions, safe to run in a thread pool,
+and the pool they run in (``DecodePool``, shared fairly between requests).
 
 Normalisation and the move to the device happen once per batch in the runtime, not here, so the
 arrays that cross into the batcher stay small (uint8) and torch-free.
@@ -6,10 +7,15 @@ arrays that cross into the batcher stay small (uint8) and torch-free.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import struct
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
@@ -105,18 +111,65 @@ class ImageTooLarge(ImageError):
     """More pixels than the server accepts (a decompression bomb, or just too big)."""
 
 
-def decode(
-    data: bytes,
-    name: str,
-    max_pixels: int,
-    draft: Callable[[tuple[int, int]], tuple[int, int] | None] | None = None,
-) -> Image.Image:
-    """Decode one upload to a fully loaded, upright RGB or L image.
+# What Pillow's plugins raise on malformed input besides OSError: a TIFF whose StripOffsets tag
+# has a RATIONAL type raises TypeError, for one (found by an attack pass). All mean "corrupt".
+CORRUPT = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    TypeError,
+    IndexError,
+    KeyError,
+    ArithmeticError,
+    struct.error,
+)
 
-    The pixel limit is checked from the header, before any pixel data is decoded. ``draft``,
-    given the stored size, may name the smallest size a JPEG needs to decode at; libjpeg then
-    decodes it directly at 1/2, 1/4 or 1/8 scale where that still covers it.
-    """
+# JPEG frames coded with Huffman tables (SOF0-3, 5-7); the others use arithmetic coding.
+_HUFFMAN_FRAMES = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7})
+_ARITHMETIC_FRAMES = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def _jpeg_frame(data: bytes) -> int | None:
+    """The SOF marker's second byte (0xC0 baseline, 0xC2 progressive, ...), read by walking the
+    segments from the start; None when there is none before the scan."""
+    at = 2  # after SOI
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in _HUFFMAN_FRAMES or marker in _ARITHMETIC_FRAMES:
+            return marker
+        if marker == 0xDA:  # start of scan: no frame header before it
+            return None
+        (length,) = struct.unpack_from(">H", data, at + 2)
+        at += 2 + length
+    return None
+
+
+def _check_jpeg_length(data: bytes, name: str, width: int, height: int) -> None:
+    """Refuse a Huffman-coded JPEG too short to hold its declared size.
+
+    libjpeg decodes a JPEG whose data ends early (a premature end marker) without an error,
+    filling the rest with grey: a 633-byte file declaring 6000x6000 decoded for 1.6 s into a
+    blank image. Every 8x8 block of the full-resolution component costs at least one bit (its
+    DC coefficient's Huffman code, in baseline and progressive JPEGs alike), so a shorter file
+    cannot be whole. Arithmetic-coded JPEGs (rare) can be smaller and are not checked."""
+    if _jpeg_frame(data) not in _HUFFMAN_FRAMES:
+        return
+    blocks = -(-width // 8) * -(-height // 8)
+    if len(data) * 8 < blocks:
+        raise BadImage(
+            name,
+            f"the JPEG data is truncated: {width}x{height} needs at least {-(-blocks // 8)} "
+            f"bytes, the file has {len(data)}",
+        )
+
+
+def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Open one upload and check its header: the format, the pixel limit, a JPEG too short for
+    its size. No pixel data is decoded."""
     if not data:
         raise BadImage(name, "the file is empty")
     # Image.open(formats=...) needs every named plugin registered; init() is a no-op once done.
@@ -127,13 +180,38 @@ def decode(
         raise ImageTooLarge(name, f"the image has too many pixels ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise BadImage(name, UNSUPPORTED_MESSAGE) from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+    except CORRUPT as exc:
         raise BadImage(name, f"the image header is corrupt ({exc})") from exc
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLarge(
             name, f"{width}x{height} is {width * height} pixels, the limit is {max_pixels}"
         )
+    if image.format == "JPEG":
+        _check_jpeg_length(data, name, width, height)
+    return image
+
+
+def probe(data: bytes, name: str, max_pixels: int) -> int:
+    """The pixel count of one upload, read from its header and checked as ``decode`` checks it,
+    without decoding: what a request's pixel budget is counted in."""
+    width, height = _open(data, name, max_pixels).size
+    return width * height
+
+
+def decode(
+    data: bytes,
+    name: str,
+    max_pixels: int,
+    draft: Callable[[tuple[int, int]], tuple[int, int] | None] | None = None,
+) -> Image.Image:
+    """Decode one upload to a fully loaded, upright image (its colour mode as stored).
+
+    The pixel limit is checked from the header, before any pixel data is decoded. ``draft``,
+    given the stored size, may name the smallest size a JPEG needs to decode at; libjpeg then
+    decodes it directly at 1/2, 1/4 or 1/8 scale where that still covers it.
+    """
+    image = _open(data, name, max_pixels)
     try:
         if draft is not None and image.format == "JPEG":
             needed = draft(image.size)
@@ -141,10 +219,10 @@ def decode(
                 image.draft(image.mode, needed)
         image.load()  # GIF and multi-page TIFF: the first frame
         image = ImageOps.exif_transpose(image)
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise BadImage(name, f"the image data is truncated or corrupt ({exc})") from exc
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(name, f"the image has too many pixels ({exc})") from exc
+    except CORRUPT as exc:
+        raise BadImage(name, f"the image data is truncated or corrupt ({exc})") from exc
     return image
 
 
@@ -155,17 +233,46 @@ def _crop_start(size: int, crop: int) -> int:
     return -((crop - size) // 2)
 
 
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")
+class Unusable(ValueError):
+    """Pixel values that have no 8-bit meaning (NaN or infinity in a float image)."""
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A grayscale image deeper than 8 bits as 8-bit L; Pillow's convert() would clip it.
+
+    - 16-bit (``I;16*``, PNG and TIFF): 0..65535 scaled onto 0..255 (the high byte).
+    - 32-bit integer (``I``, signed TIFF): read as 16-bit too, values clipped to 0..65535 first,
+      so negative values are black rather than wrapping round to white.
+    - 32-bit float (``F``, TIFF): 0..1 onto 0..255, clipped, as skimage and torchvision read
+      float images; NaN or infinity is refused (``Unusable``).
+
+    The 16-bit path writes straight into the 8-bit result: no wider copy (it made three
+    uint32 ones, 12 bytes a pixel, before).
+    """
+    values = np.asarray(image)  # Pillow's pixels, read-only: uint16, int32 or float32
+    if image.mode == "F":
+        if not np.isfinite(values).all():
+            raise Unusable("a float image holds NaN or infinity")
+        scaled = np.multiply(values, np.float32(255.0))
+        np.clip(scaled, 0.0, 255.0, out=scaled)
+        return Image.fromarray(np.rint(scaled, out=scaled).astype(np.uint8))
+    eight = np.empty(values.shape, dtype=np.uint8)
+    if values.dtype.kind == "i":
+        # value >> 8 is below 0 for negative values and above 255 past 65535: clip it.
+        np.clip(np.right_shift(values, 8), 0, 255, out=eight, casting="unsafe")
+    else:
+        np.right_shift(values, 8, out=eight, casting="unsafe")
+    return Image.fromarray(eight)
+
+
+_DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def _to_mode(image: Image.Image, mode: str) -> Image.Image:
     if image.mode == mode:
         return image
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # 16-bit grayscale (PNG, TIFF): Pillow's convert() clips to 255 and turns it white.
-        # Scale 0..65535 onto 0..255 instead.
-        wide = np.asarray(image).astype(np.uint32)
-        image = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), mode="L")
+    if image.mode in _DEEP_MODES:
+        image = _eight_bit(image)
         if mode == "L":
             return image
     if image.mode == "P" and "transparency" in image.info:
@@ -259,6 +366,102 @@ def load_image(data: bytes, name: str, max_pixels: int, transform: ImageTransfor
     """Decode, check and transform one upload."""
     try:
         return transform(decode(data, name, max_pixels, transform.draft_size))
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except Unusable as exc:
+        raise BadImage(name, str(exc)) from exc
+    except CORRUPT as exc:
         # Pillow decodes some formats lazily, on first pixel access during the transform.
         raise BadImage(name, f"the image data is truncated or corrupt ({exc})") from exc
+
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Job:
+    future: asyncio.Future[Any]
+    call: Callable[[], Any]
+
+
+class DecodePool(ThreadPoolExecutor):
+    """The decode threads, shared fairly between requests.
+
+    A plain executor runs jobs in the order they arrive, so a one-image request sent just after
+    a request of 16 costly images waited for all 16. Here each request's jobs wait in their own
+    line (``run``'s ``lane``); a free thread takes the next job of the next line in turn (round
+    robin), and no line holds every thread: with two or more, one is always left for the next
+    request, which so starts at once however busy the others are. A lone request therefore uses
+    all threads but one. A job whose caller stopped waiting (the client left) never starts.
+
+    Its lines are kept by the one event loop that calls ``run``.
+    """
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "decode") -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self.threads = max_workers
+        # Most threads one lane may hold at once.
+        self.share = max(1, max_workers - 1)
+        self._lines: OrderedDict[object, deque[_Job]] = OrderedDict()
+        self._held: dict[object, int] = {}  # threads held, by lane
+        self._running = 0
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued in the lines, not yet handed to a thread (cancelled ones included)."""
+        return sum(len(line) for line in self._lines.values())
+
+    async def run(self, lane: object, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in a decode thread, in turn with the other lanes' jobs."""
+        loop = asyncio.get_running_loop()
+        job = _Job(loop.create_future(), partial(function, *args))
+        self._lines.setdefault(lane, deque()).append(job)
+        self._dispatch(loop)
+        result: T = await job.future
+        return result
+
+    def _next(self) -> tuple[object, _Job] | None:
+        """The next lane in turn that may take a thread, and its job."""
+        for lane, line in list(self._lines.items()):
+            while line and line[0].future.done():
+                line.popleft()  # its caller has gone
+            if not line:
+                del self._lines[lane]
+            elif self._held.get(lane, 0) < self.share:
+                job = line.popleft()
+                if line:
+                    self._lines.move_to_end(lane)  # its next job waits for the others' turns
+                else:
+                    del self._lines[lane]
+                return lane, job
+        return None
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self._running < self.threads and (chosen := self._next()) is not None:
+            lane, job = chosen
+            try:
+                running = loop.run_in_executor(self, job.call)
+            except RuntimeError as exc:  # shut down: the server is stopping
+                job.future.set_exception(exc)
+                continue
+            self._running += 1
+            self._held[lane] = self._held.get(lane, 0) + 1
+            running.add_done_callback(partial(self._finished, loop, lane, job))
+
+    def _finished(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        lane: object,
+        job: _Job,
+        running: asyncio.Future[Any],
+    ) -> None:
+        self._running -= 1
+        self._held[lane] -= 1
+        if not self._held[lane]:
+            del self._held[lane]
+        if running.cancelled():
+            job.future.cancel()
+        elif (error := running.exception()) is not None:
+            if not job.future.done():
+                job.future.set_exception(error)
+        elif not job.future.done():
+            job.future.set_result(running.result())
+        self._dispatch(loop)

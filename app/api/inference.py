@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -18,6 +18,7 @@ from app.api.errors import (
     BadRequest,
     GatewayTimeout,
     InferenceFailed,
+    InsufficientStorage,
     InvalidImage,
     Overloaded,
     PayloadTooLarge,
@@ -27,9 +28,11 @@ from app.api.errors import (
 )
 from app.api.middleware import request_info
 from app.batching import (
+    Arrival,
     BatcherClosed,
     BatcherDead,
     BatchFailed,
+    BatchTooLarge,
     DeadlineExceeded,
     QueueFull,
     TooManyItems,
@@ -37,7 +40,7 @@ from app.batching import (
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
-from app.preprocessing import ImageError, ImageTooLarge, load_image
+from app.preprocessing import ImageError, ImageTooLarge, load_image, probe
 from app.state import ServedModel, Serving
 from app.values import Item, TopK
 
@@ -53,6 +56,7 @@ _REJECT_REASONS: dict[type[ServiceError], str] = {
     GatewayTimeout: "timeout",
     InvalidImage: "bad_image",
     PayloadTooLarge: "too_large",
+    InsufficientStorage: "out_of_memory",
 }
 
 
@@ -68,6 +72,8 @@ class Inference:
     info: dict[str, Any]
     # When the request arrived (the event loop's clock): the request timeout counts from here.
     started: float
+    # This request's line in the decode pool, which takes work from each line in turn.
+    lane: object = field(default_factory=object, repr=False, compare=False)
 
     @classmethod
     @asynccontextmanager
@@ -112,16 +118,27 @@ class Inference:
         return self.request.headers if self.request is not None else Headers()
 
     def expect(self, count: int) -> None:
-        """Note that the request carries ``count`` images, refusing it (413) at once when the
-        model's queue could never hold them: call it before decoding anything."""
+        """Note that the request carries ``count`` images, refusing it at once when the model's
+        queue could never hold them (413), or has no room for them now (503): call it before
+        decoding anything, so a full queue costs no decoding. Images of requests still decoding
+        (announced) count as queued: they hold their place."""
         self.info["images"] = count
+        batcher = self.model.batcher
         try:
-            self.model.batcher.check_fits(count)
+            batcher.check_fits(count)
         except TooManyItems:
             raise PayloadTooLarge(
-                f"{count} images, more than the queue can ever hold "
-                f"({self.model.batcher.max_queue_size})"
+                f"{count} images, more than the queue can ever hold ({batcher.max_queue_size})"
             ) from None
+        if batcher.depth + batcher.announced + count > batcher.max_queue_size:
+            raise Overloaded(
+                f"model {self.model.name!r} is at capacity; retry shortly", headers=RETRY_AFTER
+            )
+
+    async def offload(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in the decode pool, taking turns with other requests' work: for
+        parsing or encoding heavy enough to stall every other request on the event loop."""
+        return await self.serving.decode_pool.run(self.lane, function, *args)
 
     async def read_body(self, reader: Callable[[AsyncGenerator[bytes, None]], Awaitable[T]]) -> T:
         """Run ``reader`` over the request's body stream, bounded in size and arrival time."""
@@ -129,7 +146,7 @@ class Inference:
         settings = self.settings
         limit = settings.max_upload_bytes
         declared = self.request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"the request body is {declared} bytes, the limit is {limit}")
         try:
             async with asyncio.timeout(settings.body_timeout_s):
@@ -152,12 +169,9 @@ class Inference:
         # The batch now gathering may wait for these images while they decode.
         arrival = model.batcher.announce(len(uploads))
         try:
-            arrays = await self._decode(uploads)
-            remaining = max(settings.request_timeout_s - (loop.time() - self.started), 0.0)
-            if deadline_s is not None:
-                remaining = min(remaining, max(deadline_s, 0.0))
-            items = [Item(array, k) for array in arrays]
-            work = model.batcher.submit(items, remaining, arrival)
+            deadline = loop.time() + (float("inf") if deadline_s is None else max(deadline_s, 0))
+            # Decoding too stops when the client leaves: its images not yet begun are dropped.
+            work = self._decode_and_submit(uploads, k, deadline, arrival)
             if self.request is None:
                 return await work
             return await _unless_disconnected(self.request, work)
@@ -179,34 +193,77 @@ class Inference:
         except BatchFailed:
             # Logged with its traceback by the batcher; the client gets no internals.
             raise InferenceFailed("the model failed on the batch holding this request") from None
+        except BatchTooLarge:
+            # Logged by the batcher, which already tried the batch in halves; a later batch,
+            # or this request with fewer images, may fit.
+            raise InsufficientStorage(
+                "the model ran out of device memory on the batch holding this request; "
+                "retry, with fewer images"
+            ) from None
         finally:
             arrival.cancel()
 
+    async def _decode_and_submit(
+        self, uploads: Sequence[Upload], k: int, deadline: float, arrival: Arrival
+    ) -> list[TopK]:
+        arrays = await self._decode(uploads)
+        loop = asyncio.get_running_loop()
+        remaining = self.settings.request_timeout_s - (loop.time() - self.started)
+        remaining = max(min(remaining, deadline - loop.time()), 0.0)
+        items = [Item(array, k) for array in arrays]
+        return await self.model.batcher.submit(items, remaining, arrival)
+
     async def _decode(self, uploads: Sequence[Upload]) -> list[np.ndarray]:
         """Decode and transform the encoded uploads in the decode pool; arrays pass through.
-        The first bad one fails them all, naming itself."""
-        loop = asyncio.get_running_loop()
-        max_pixels = self.settings.max_image_pixels
-        transform, pool = self.model.transform, self.serving.decode_pool
 
-        async def one(name: str, data: bytes | np.ndarray) -> np.ndarray:
-            if isinstance(data, np.ndarray):
-                return data
-            return await loop.run_in_executor(pool, load_image, data, name, max_pixels, transform)
+        Every header is read first, so an image over the pixel limit, or images over the
+        request's pixel budget together, are refused before any pixel is decoded. The first bad
+        one fails them all, naming itself, and the others stop."""
+        settings = self.settings
+        max_pixels, transform = settings.max_image_pixels, self.model.transform
+        encoded = [(name, data) for name, data in uploads if not isinstance(data, np.ndarray)]
+        try:
+            if encoded:
+                pixels = await self.offload(_probe_all, encoded, max_pixels)
+                if pixels > settings.max_request_pixels:
+                    raise PayloadTooLarge(
+                        f"the images hold {pixels} pixels together ({len(encoded)} of them), "
+                        f"the limit per request is {settings.max_request_pixels}"
+                    )
+            return await _all_or_none(
+                [
+                    _ready(data)
+                    if isinstance(data, np.ndarray)
+                    else self.offload(load_image, data, name, max_pixels, transform)
+                    for name, data in uploads
+                ]
+            )
+        except ImageTooLarge as exc:
+            raise PayloadTooLarge(str(exc)) from None
+        except ImageError as exc:
+            raise InvalidImage(str(exc)) from None
 
-        decoded = await asyncio.gather(
-            *(one(name, data) for name, data in uploads), return_exceptions=True
-        )
-        arrays = []
-        for result in decoded:
-            if isinstance(result, ImageTooLarge):
-                raise PayloadTooLarge(str(result))
-            if isinstance(result, ImageError):
-                raise InvalidImage(str(result))
-            if isinstance(result, BaseException):
-                raise result
-            arrays.append(result)
-        return arrays
+
+def _probe_all(uploads: Sequence[tuple[str, bytes]], max_pixels: int) -> int:
+    """The pixels of every upload together, each header checked (one job: headers are cheap)."""
+    return sum(probe(data, name, max_pixels) for name, data in uploads)
+
+
+async def _ready(array: np.ndarray) -> np.ndarray:
+    return array
+
+
+async def _all_or_none(work: Sequence[Awaitable[T]]) -> list[T]:
+    """Every result in order; on the first failure, the rest are cancelled (jobs not yet begun
+    never run) and that failure is raised."""
+    tasks = [asyncio.ensure_future(item) for item in work]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        # Settles every task (and retrieves its exception) before the caller answers.
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def limited(stream: AsyncIterator[bytes], limit: int) -> AsyncGenerator[bytes, None]:

@@ -51,12 +51,16 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "An upload is not a readable image."},
     408: {"model": ErrorResponse, "description": "The body took too long to arrive."},
     404: {"model": ErrorResponse, "description": "No such model."},
-    413: {"model": ErrorResponse, "description": "Body, image or image count over the limit."},
+    413: {
+        "model": ErrorResponse,
+        "description": "Body, an image's pixels, all images' pixels or their count over the limit.",
+    },
     415: {"model": ErrorResponse, "description": "Content-Type is not multipart or an image."},
     422: {"model": ErrorResponse, "description": "Bad query parameter."},
     500: {"model": ErrorResponse, "description": "The forward pass failed on this batch."},
     503: {"model": ErrorResponse, "description": "Queue full or shutting down; see Retry-After."},
     504: {"model": ErrorResponse, "description": "No result within the request timeout."},
+    507: {"model": ErrorResponse, "description": "Out of device memory, even in half a batch."},
 }
 _BODY_DOC: dict[str, Any] = {
     "requestBody": {

@@ -11,12 +11,14 @@ import json
 import struct
 import subprocess
 import sys
+import tracemalloc
 import warnings
 import zlib
 from typing import Any
 
 import numpy as np
 import pytest
+from corpus import make_corpus
 from PIL import Image, features
 from support import ROOT, fixture
 from torchvision import transforms
@@ -31,6 +33,7 @@ from app.preprocessing import (
     ImageTransform,
     decode,
     load_image,
+    probe,
 )
 
 HAS_AVIF = bool(features.check("avif"))
@@ -585,3 +588,104 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped_to_white(color_mode):
     assert out.max() == 255
     # Still a ramp: the middle row sits near the middle of the range.
     assert 100 < int(out[112, 112, 0]) < 156
+
+
+# --- issue 15, item 6: inputs that cost or mislead (each also in tests/corpus) ----------------
+
+
+def test_a_tiff_whose_strip_offsets_are_a_rational_is_a_bad_image_not_a_type_error():
+    data = make_corpus.tiff_rational_strip_offsets()
+
+    with pytest.raises(BadImage) as caught:
+        load_image(data, "rational.tif", MAX_PIXELS, imagenet_transform())
+
+    assert caught.value.name == "rational.tif"
+
+
+@pytest.mark.parametrize("size", [(6000, 6000), (1000, 1000)])
+def test_a_jpeg_too_short_for_its_declared_size_is_refused_before_decoding(size):
+    # A 16x16 JPEG (about 600 bytes, ending with a proper end marker) patched to claim ``size``:
+    # libjpeg would fill the missing blocks with grey and report success.
+    data = make_corpus.jpeg_claiming(*size)
+
+    with pytest.raises(BadImage, match="truncated"):
+        decode(data, "premature.jpg", MAX_PIXELS)
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_the_jpeg_length_check_passes_whole_jpegs_of_one_colour(progressive, mode):
+    # One colour compresses best: about one bit per 8x8 block, the least any whole JPEG holds.
+    flat = Image.new(mode, (4000, 3000), 128 if mode == "L" else (128, 64, 32))
+    data = encode(flat, "JPEG", quality=10, progressive=progressive, optimize=True)
+
+    assert decode(data, "flat.jpg", MAX_PIXELS).size == (4000, 3000)
+
+
+def test_probe_reads_the_pixel_count_from_the_header_alone():
+    assert probe(make_corpus.gif_screen(6000, 6000), "screen.gif", MAX_PIXELS) == 36_000_000
+    with pytest.raises(ImageTooLarge):
+        probe(make_corpus.webp_claiming(16383, 16383), "big.webp", MAX_PIXELS)
+
+
+def gray_transform() -> ImageTransform:
+    return ImageTransform.from_spec(
+        spec(resize=None, crop=32, color_mode="L", mean=(0.5,), std=(0.5,))
+    )
+
+
+def test_a_float_tiff_in_0_to_1_is_scaled_to_0_to_255_not_black():
+    ramp = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    data = encode(Image.fromarray(ramp, "F"), "TIFF")
+
+    out = load_image(data, "float.tif", MAX_PIXELS, gray_transform())[:, :, 0]
+
+    np.testing.assert_array_equal(out, np.rint(ramp * 255).astype(np.uint8))
+
+
+def test_a_float_tiff_outside_0_to_1_is_clipped():
+    values = np.array([[-3.0, 0.5, 7.0, 1.0]] * 32, dtype=np.float32).repeat(8, axis=1)
+    data = encode(Image.fromarray(values, "F"), "TIFF")
+
+    out = load_image(data, "float.tif", MAX_PIXELS, gray_transform())
+
+    assert sorted(set(out[0, :, 0].tolist())) == [0, 128, 255]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_float_tiff_holding_nan_or_infinity_is_a_bad_image(bad):
+    values = np.full((32, 32), 0.5, dtype=np.float32)
+    values[3, 3] = bad
+    data = encode(Image.fromarray(values, "F"), "TIFF")
+
+    with pytest.raises(BadImage, match="NaN or infinity"):
+        load_image(data, "nan.tif", MAX_PIXELS, gray_transform())
+
+
+def test_an_int32_tiff_reads_as_16_bit_with_negative_values_black_not_wrapped():
+    values = np.array([[-40000, -1, 0, 256, 65535, 70000, 32768, 128]] * 32, dtype=np.int32)
+    data = encode(Image.fromarray(values.repeat(4, axis=1), "I"), "TIFF")
+
+    out = load_image(data, "int32.tif", MAX_PIXELS, gray_transform())
+
+    assert out[0, ::4, 0].tolist() == [0, 0, 0, 1, 255, 255, 128, 0]
+
+
+def test_sixteen_bit_conversion_holds_no_wide_copies():
+    # 4000x4000 at 16 bits is 32 MB. Reading it into numpy peaks at twice that (Pillow's
+    # tobytes); widening to uint32 three times (astype, clip, shift) held 240 MB at once.
+    ramp = np.arange(4000 * 4000, dtype=np.uint32).reshape(4000, 4000) % 65536
+    image = Image.fromarray(ramp.astype(np.uint16))
+    assert image.mode == "I;16"
+    transform = ImageTransform.from_spec(
+        spec(resize=None, crop=8, color_mode="L", mean=(0.5,), std=(0.5,))
+    )
+
+    tracemalloc.start()
+    try:
+        transform(image)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 4000 * 4000 * 5, f"{peak / 2**20:.0f} MB of arrays at once"

@@ -6,11 +6,12 @@ from __future__ import annotations
 import base64
 import json
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
 
-from app.api.errors import BadRequest
+from app.api.errors import BadRequest, PayloadTooLarge
 from app.api.v2 import codec
 from app.api.v2.schemas import InferenceRequest, RequestedOutput, Tensor
 from app.values import TopK
@@ -153,3 +154,71 @@ def test_unknown_outputs_and_bad_classification_counts_are_refused(
     request = InferenceRequest.model_validate({"inputs": [], "outputs": outputs})
     with pytest.raises(BadRequest, match=problem):
         codec.requested_outputs(request, classes=3)
+
+
+# --- issue 15, item 6: work bounded by what the request declares ------------------------------
+
+
+@pytest.mark.parametrize("length", ["²", "-5", "1e3", " 12", "١٢"])
+def test_a_header_length_that_is_not_ascii_digits_is_a_bad_request(length: str) -> None:
+    # "²".isdigit() and "١٢".isdigit() are true, and int("²") raises: a 500 before.
+    with pytest.raises(BadRequest, match="bad Inference-Header-Content-Length"):
+        codec.split_body(b'{"inputs": []}' + b"x" * 2000, length)
+
+
+def test_binary_bytes_elements_past_the_shape_are_refused_without_reading_them_all() -> None:
+    raw = b"\x00\x00\x00\x00" * 1_000_000  # a million empty elements, for shape [2]
+    with pytest.raises(BadRequest, match="more than 2 BYTES elements"):
+        codec.decode_images(tensor("BYTES", [2], binary_data_size=len(raw)), raw, INPUT_SIZE)
+    assert codec.binary_elements(binary(b"a", b"b"), 2) == [b"a", b"b"]
+
+
+def test_json_values_are_read_by_numpy_nested_or_flat() -> None:
+    nested = np.arange(60).reshape(1, 4, 5, 3).tolist()
+    [(_, array)] = codec.decode_images(tensor("UINT8", [1, 4, 5, 3], nested), None, INPUT_SIZE)
+    assert isinstance(array, np.ndarray)
+    assert array.reshape(-1).tolist() == list(range(60))
+    with pytest.raises(BadRequest, match="does not hold 60 UINT8 values"):
+        codec.decode_images(tensor("UINT8", [1, 4, 5, 3], [[0] * 30, [0] * 29]), None, INPUT_SIZE)
+    with pytest.raises(BadRequest, match="shape says 1 images, data has 2"):
+        codec.decode_images(tensor("BYTES", [1], [["aGk="], ["aGk="]]), None, INPUT_SIZE)
+
+
+def test_a_json_head_of_too_many_values_is_refused_before_parsing() -> None:
+    head = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [0'
+    many = head + b",0" * codec.MAX_JSON_VALUES + b"]}]}"
+    with pytest.raises(PayloadTooLarge, match="binary tensor extension"):
+        codec.split_body(many, None)
+    fewer = head + b",0" * (codec.MAX_JSON_VALUES - 100) + b"]}]}"
+    assert codec.split_body(fewer, None)[0].inputs[0].name == "x"
+
+
+def request_for(images: int, *outputs: Any) -> InferenceRequest:
+    return InferenceRequest.model_validate(
+        {
+            "inputs": [{"name": "x", "shape": [images], "datatype": "BYTES"}],
+            "outputs": list(outputs),
+        }
+    )
+
+
+def test_an_output_asked_for_twice_is_refused() -> None:
+    # 128 images x 80 copies of classification 1000 made a 270 MB response in 27.8 s.
+    output = {"name": "probabilities", "parameters": {"classification": 1000}}
+    with pytest.raises(BadRequest, match="requested more than once"):
+        codec.requested_outputs(request_for(128, *[output] * 80), classes=1000)
+    with pytest.raises(BadRequest, match="requested more than once"):
+        codec.requested_outputs(request_for(1, {"name": "probabilities"}, output), classes=1000)
+    [once] = codec.requested_outputs(request_for(128, output), classes=1000)
+    assert once.parameters == {"classification": 1000}
+
+
+def test_a_response_over_the_value_limit_is_refused_before_inference() -> None:
+    classes = 1000
+    images = codec.MAX_OUTPUT_VALUES // classes
+    assert codec.requested_outputs(request_for(images), classes)
+    with pytest.raises(BadRequest, match=f"limit is {codec.MAX_OUTPUT_VALUES}"):
+        codec.requested_outputs(request_for(images + 1), classes)
+    # With classification, k values an image count, not every class.
+    top5 = {"name": "probabilities", "parameters": {"classification": 5}}
+    assert codec.requested_outputs(request_for(images + 1, top5), classes)

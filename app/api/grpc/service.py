@@ -116,6 +116,11 @@ class InferenceService:
         answer = {"model_name": facts.name, "model_version": facts.version}
         if inference.id is not None:
             answer["id"] = inference.id
+        if len(results) * len(facts.labels) > v2.INLINE_OUTPUT_VALUES:
+            # Large: built in the decode pool, stalling no other request.
+            return await inference_call.offload(
+                codec.infer_response, answer, results, facts.labels, requested
+            )
         return codec.infer_response(answer, results, facts.labels, requested)
 
     async def repository_index(self, call: Call) -> Any:

@@ -4,20 +4,22 @@ turns tensors into images and probabilities into outputs, ``Inference`` does the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from app import __version__
 from app.api.deps import ServingDep, find_model, not_ready_reason, require_api_key
-from app.api.inference import Inference, read_all
+from app.api.inference import Inference, Upload, read_all
 from app.api.v2 import codec
-from app.api.v2.schemas import ProtocolError
+from app.api.v2.schemas import InferenceRequest, ProtocolError, RequestedOutput, Tensor
 from app.state import ServedModel
+from app.values import ModelFacts
 
 HEADER_LENGTH = "inference-header-content-length"
+T = TypeVar("T")
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -139,17 +141,22 @@ async def infer_version(call: Annotated[Inference, Depends(_inference_at)]) -> R
 
 async def _infer(call: Inference) -> Response:
     body = await call.read_body(read_all)
-    inference, binary = codec.split_body(body, call.headers.get(HEADER_LENGTH))
-    tensor, raw = codec.the_input(inference, binary)
+    large = len(body) > INLINE_BYTES
+    inference, tensor, raw = await _offload_if(
+        call, large, _parse, body, call.headers.get(HEADER_LENGTH)
+    )
     call.expect(codec.image_count(tensor))  # before decoding anything
     facts = call.model.describe()
-    uploads = codec.decode_images(tensor, raw, facts.input_size)
-    requested = codec.requested_outputs(inference, len(facts.labels))
+    uploads, requested = await _offload_if(call, large, _unpack, inference, tensor, raw, facts)
     results = await call.classify(uploads, len(facts.labels))
     answer: dict[str, Any] = {"model_name": facts.name, "model_version": facts.version}
     if inference.id is not None:
         answer["id"] = inference.id
-    head, blobs = codec.encode_response(
+    values = len(results) * len(facts.labels)
+    head, blobs = await _offload_if(
+        call,
+        values > codec.INLINE_OUTPUT_VALUES,
+        codec.encode_response,
         answer,
         codec.probabilities(results, len(facts.labels)),
         facts.labels,
@@ -163,3 +170,28 @@ async def _infer(call: Inference) -> Response:
         media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(len(head))},
     )
+
+
+# Up to this many bytes of body, parsing takes well under a millisecond and is done on the event
+# loop; larger bodies are parsed in the decode pool (a 15 MB JSON array took about a second,
+# during which no other request was answered).
+INLINE_BYTES = 64 * 1024
+
+
+async def _offload_if(call: Inference, large: bool, function: Callable[..., T], *args: Any) -> T:
+    if large:
+        return await call.offload(function, *args)
+    return function(*args)
+
+
+def _parse(body: bytes, header_length: str | None) -> tuple[InferenceRequest, Tensor, bytes | None]:
+    inference, binary = codec.split_body(body, header_length)
+    tensor, raw = codec.the_input(inference, binary)
+    return inference, tensor, raw
+
+
+def _unpack(
+    inference: InferenceRequest, tensor: Tensor, raw: bytes | None, facts: ModelFacts
+) -> tuple[list[Upload], list[RequestedOutput]]:
+    requested = codec.requested_outputs(inference, len(facts.labels))
+    return codec.decode_images(tensor, raw, facts.input_size), requested
