@@ -103,9 +103,12 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_zero() -> N
                 if response.status_code != 200:
                     return  # a real client goes to another replica now
 
-    def settled() -> bool:
-        """Every client is parked at the gate or has had its request out for SETTLE_S."""
+    def settled() -> bool | None:
+        """Every client is parked at the gate or has had its request out for SETTLE_S; None
+        when every client is parked (nothing would be in flight at the SIGTERM)."""
         with lock:
+            if not outstanding:
+                return None
             return all(time.monotonic() - sent >= SETTLE_S for sent in outstanding.values())
 
     with server_process(EVALSERVE_DRAIN_DELAY_S="1.5") as server:
@@ -119,8 +122,14 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_zero() -> N
             time.sleep(3.0)
             may_send.clear()
             deadline = time.monotonic() + 30
-            while not settled():
+            while not (state := settled()):
                 assert time.monotonic() < deadline, "the clients never settled"
+                if state is None:
+                    # Every request was answered before the clients settled (a fast server):
+                    # let them send again, so that some are in flight at the SIGTERM.
+                    may_send.set()
+                    time.sleep(0.05)
+                    may_send.clear()
                 time.sleep(0.005)
             with lock:
                 outstanding_at_sigterm = len(outstanding)
