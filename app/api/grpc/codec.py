@@ -9,7 +9,6 @@ form. Outputs come back in ``raw_output_contents``, as Triton answers.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,7 +36,7 @@ def _packed_contents(tensor: Any) -> bytes:
     is one evalserve refuses anyway: ``codec.decode_images`` names it)."""
     contents = tensor.contents
     if tensor.datatype == "BYTES":
-        return b"".join(struct.pack("<I", len(item)) + item for item in contents.bytes_contents)
+        return codec.binary_of(list(contents.bytes_contents))
     if tensor.datatype == "UINT8":
         values = np.asarray(contents.uint_contents, dtype=np.uint32)
         if values.size and int(values.max()) > 255:
