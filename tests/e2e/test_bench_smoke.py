@@ -17,29 +17,21 @@ from app.config import Settings
 pytestmark = pytest.mark.e2e
 
 
-def test_bench_runs_and_writes_json_and_a_plot(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app",
-            "bench",
-            "--model",
-            "digits",
-            "--seconds",
-            "1",
-            "--concurrency",
-            "1",
-            "2",
-            "--out",
-            str(tmp_path),
-        ],
+def bench(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``evalserve bench`` on the digits model, one second a level, results in ``out``."""
+    command = [sys.executable, "-m", "app", "bench", "--model", "digits", "--seconds", "1"]
+    return subprocess.run(
+        [*command, *args, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+def test_bench_runs_and_writes_json_and_a_plot(tmp_path: Path) -> None:
+    result = bench(tmp_path, "--concurrency", "1", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "in-process limit" in result.stdout
     data = json.loads((tmp_path / "digits-fp32-onnxruntime-cpu.json").read_text())
@@ -67,29 +59,7 @@ def test_bench_runs_and_writes_json_and_a_plot(tmp_path: Path) -> None:
 
 
 def test_bench_over_grpc_counts_what_the_server_counted(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app",
-            "bench",
-            "--model",
-            "digits",
-            "--seconds",
-            "1",
-            "--concurrency",
-            "2",
-            "--protocol",
-            "grpc",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = bench(tmp_path, "--concurrency", "2", "--protocol", "grpc")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "over gRPC" in result.stdout
     data = json.loads((tmp_path / "digits-fp32-onnxruntime-grpc-cpu.json").read_text())
