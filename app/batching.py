@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -124,6 +125,14 @@ class Batcher(Generic[T, R]):
     its first item *arrived* (so items that queued while the previous batch ran do not wait again).
     While one batch computes, the next keeps gathering in the queue.
 
+    ``compute`` may answer an item with an exception instead of a result (an image that turned
+    out undecodable): that item alone fails with it.
+
+    With ``stage`` (and its ``stage_executor``), each batch runs in two steps: ``stage(payloads)``
+    in the stage executor, then ``compute`` of what it returned in ``executor``; and the next
+    batch is collected and staged while this one computes (two batches in flight at most, one
+    computing). A GPU model stages (copies and decodes) batch N+1 while batch N runs.
+
     A batch that raises ``split_on`` (out of memory) is computed again as two halves, once; the
     items of a half that raises it again fail with ``BatchTooLarge``. A batch that computes for
     longer than ``stall_after_s`` makes ``stalled`` true (and is logged) until it returns. An
@@ -132,9 +141,11 @@ class Batcher(Generic[T, R]):
 
     def __init__(
         self,
-        compute: Callable[[list[T]], Sequence[R]],
+        compute: Callable[[Any], Sequence[R | Exception]],
         executor: Executor,
         *,
+        stage: Callable[[list[T]], Any] | None = None,
+        stage_executor: Executor | None = None,
         max_batch_size: int,
         max_delay_s: float,
         max_queue_size: int,
@@ -149,8 +160,14 @@ class Batcher(Generic[T, R]):
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
         if stall_after_s is not None and stall_after_s <= 0:
             raise ValueError("stall_after_s must be > 0")
+        if (stage is None) != (stage_executor is None):
+            raise ValueError("stage and stage_executor go together")
         self._compute = compute
         self._executor = executor
+        self._stage = stage
+        self._stage_executor = stage_executor
+        # Batches in flight at once: with a stage step, one computing and the next staging.
+        self._depth = 1 if stage is None else 2
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
@@ -162,7 +179,7 @@ class Batcher(Generic[T, R]):
         self.death: BaseException | None = None
         self._split_on = split_on
         self.stall_after_s = stall_after_s
-        self._stalled = False
+        self._stalled = 0  # batches in flight that have computed for longer than stall_after_s
         # With close_when_idle, a batch waits out the delay only while arrivals are announced.
         self._close_when_idle = close_when_idle
         # A deque we own rather than asyncio.Queue: waiting is on an Event, so a timed-out wait
@@ -171,9 +188,10 @@ class Batcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
-        self._in_flight = 0
         self._expected = 0
-        self._computing: list[_Item[T, R]] = []
+        # The batches being staged or computed, by id.
+        self._running: dict[int, list[_Item[T, R]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def depth(self) -> int:
@@ -182,8 +200,8 @@ class Batcher(Generic[T, R]):
 
     @property
     def in_flight(self) -> int:
-        """Items in the batch being computed now."""
-        return self._in_flight
+        """Items in the batches being computed (or staged) now."""
+        return sum(len(batch) for batch in self._running.values())
 
     @property
     def announced(self) -> int:
@@ -194,7 +212,7 @@ class Batcher(Generic[T, R]):
     def stalled(self) -> bool:
         """The batch computing now has run for longer than ``stall_after_s`` (hung, or far
         slower than its callers wait for); false again once it returns."""
-        return self._stalled
+        return self._stalled > 0
 
     @property
     def alive(self) -> bool:
@@ -282,7 +300,7 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         first = self._pop_live()
         while first is None:
-            if self._closing:
+            if self._closing or self.death is not None:
                 return None
             self._wakeup.clear()
             await self._wakeup.wait()
@@ -316,16 +334,19 @@ class Batcher(Generic[T, R]):
     def _die(self, exc: BaseException) -> None:
         """Record the loop's death, log it with its traceback, fail every item it still held
         (so no caller waits out its timeout), and tell the owner."""
+        if self.death is not None:
+            return
         self.death = exc
-        self._stalled = False
+        self._stalled = 0
         logger.critical("%s: the batch loop died; no more batches", self.name, exc_info=exc)
         error = BatcherDead(f"{self.name} stopped computing: its batch loop died")
-        for item in [*self._computing, *self._items]:
+        held = [item for batch in self._running.values() for item in batch]
+        for item in [*held, *self._items]:
             if not item.future.done():
                 item.future.set_exception(error)
         self._items.clear()
-        self._computing = []
-        self._in_flight = 0
+        self._running.clear()
+        self._wakeup.set()  # the loop may be waiting for items: it sees the death
         if self._on_death is not None:
             self._on_death(exc)
 
@@ -339,31 +360,65 @@ class Batcher(Generic[T, R]):
             logger.exception("%s: the batch observer failed on %s", self.name, event)
 
     async def _loop(self) -> None:
+        slots = asyncio.Semaphore(self._depth)
+        try:
+            while self.death is None:
+                await slots.acquire()
+                batch = await self._collect()
+                if batch is None:
+                    break
+                # Items whose caller gave up while the batch gathered are not computed.
+                live = [item for item in batch if not item.future.done()]
+                if self.death is not None:
+                    for item in live:
+                        item.future.set_exception(
+                            BatcherDead(f"{self.name} stopped computing: its batch loop died")
+                        )
+                    break
+                if not live:
+                    slots.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._batch(live))
+                self._tasks.add(task)
+                task.add_done_callback(partial(self._batch_finished, slots))
+        finally:
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _batch_finished(self, slots: asyncio.Semaphore, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        slots.release()
+
+    async def _batch(self, live: list[_Item[T, R]]) -> None:
+        """Stage (if so made), compute and answer one batch; a failure of the loop's own (a bug,
+        or ``WorkerLost``) kills the loop."""
         loop = asyncio.get_running_loop()
-        while (batch := await self._collect()) is not None:
-            # Items whose caller gave up while the batch gathered are not computed.
-            live = [item for item in batch if not item.future.done()]
-            if not live:
-                continue
-            self._computing = live
-            self._in_flight = len(live)
-            started = loop.time()
-            watch = (
-                loop.call_later(self.stall_after_s, self._stall, len(live), started)
-                if self.stall_after_s is not None
-                else None
-            )
-            try:
-                await self._answer(live)
-            finally:
-                if watch is not None:
-                    watch.cancel()
-            if self._stalled:
-                self._stalled = False
+        key = id(live)
+        self._running[key] = live
+        started = loop.time()
+        stalled = False
+
+        def stall() -> None:
+            nonlocal stalled
+            stalled = True
+            self._stall(len(live), started)
+
+        watch = (
+            loop.call_later(self.stall_after_s, stall) if self.stall_after_s is not None else None
+        )
+        try:
+            await self._answer(live)
+        except Exception as exc:
+            self._die(exc)
+        finally:
+            if watch is not None:
+                watch.cancel()
+            self._running.pop(key, None)
+            if stalled and self.death is None:
+                self._stalled -= 1
                 logger.warning(
                     "%s: the stalled batch returned after %.1f s", self.name, loop.time() - started
                 )
-            self._computing, self._in_flight = [], 0
 
     async def _answer(self, live: list[_Item[T, R]]) -> None:
         """Compute ``live`` and answer every item. When it does not fit (``split_on``), once
@@ -396,14 +451,12 @@ class Batcher(Generic[T, R]):
         started = loop.time()
         payloads = [item.payload for item in items]
         try:
-            try:
-                pending = loop.run_in_executor(self._executor, self._compute, payloads)
-            except Exception as exc:  # shut down (RuntimeError), or broken: for good
-                raise WorkerLost(f"{self.name}: its worker takes no more work ({exc})") from exc
-            try:
-                outputs = await pending
-            except BrokenExecutor as exc:
-                raise WorkerLost(f"{self.name}: its worker is broken ({exc})") from exc
+            if self._stage is not None:
+                assert self._stage_executor is not None
+                staged = await self._in(self._stage_executor, self._stage, payloads)
+                outputs = await self._in(self._executor, self._compute, staged)
+            else:
+                outputs = await self._in(self._executor, self._compute, payloads)
             pairs = list(zip(items, outputs, strict=True))
         except WorkerLost:
             raise
@@ -421,12 +474,28 @@ class Batcher(Generic[T, R]):
         self.stats.items += len(items)
         self.stats.largest_batch = max(self.stats.largest_batch, len(items))
         for item, output in pairs:
-            if not item.future.done():
+            if item.future.done():
+                continue
+            if isinstance(output, Exception):
+                item.future.set_exception(output)
+            else:
                 item.future.set_result(output)
         self._notify(
             "batch_done", [started - item.enqueued_at for item in items], loop.time() - started
         )
         return None
+
+    async def _in(self, executor: Executor, function: Callable[[Any], Any], argument: Any) -> Any:
+        """``function(argument)`` in ``executor``; ``WorkerLost`` when it takes no more work."""
+        loop = asyncio.get_running_loop()
+        try:
+            pending = loop.run_in_executor(executor, function, argument)
+        except Exception as exc:  # shut down (RuntimeError), or broken: for good
+            raise WorkerLost(f"{self.name}: its worker takes no more work ({exc})") from exc
+        try:
+            return await pending
+        except BrokenExecutor as exc:
+            raise WorkerLost(f"{self.name}: its worker is broken ({exc})") from exc
 
     def _too_large(self, items: list[_Item[T, R]], reason: str) -> None:
         logger.error(
@@ -444,7 +513,7 @@ class Batcher(Generic[T, R]):
 
     def _stall(self, size: int, started: float) -> None:
         """The batch begun at ``started`` is still computing after ``stall_after_s``."""
-        self._stalled = True
+        self._stalled += 1
         self.stats.stalled_batches += 1
         logger.error(
             "%s: a batch of %d items has computed for %.1f s (the limit is %.1f s); "

@@ -20,6 +20,8 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from app.values import EncodedImage
+
 # Still-image formats a client may send, each with the Pillow feature its decoder needs (None:
 # pure Python, or a plugin that registers itself only where it works). Pillow would open more
 # (e.g. PSD, EPS); a server should not. (Multi-picture JPEGs from phones open through the JPEG
@@ -130,9 +132,10 @@ _HUFFMAN_FRAMES = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7})
 _ARITHMETIC_FRAMES = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
-def _jpeg_frame(data: bytes) -> int | None:
-    """The SOF marker's second byte (0xC0 baseline, 0xC2 progressive, ...), read by walking the
-    segments from the start; None when there is none before the scan."""
+def _jpeg_sof(data: bytes) -> tuple[int, int] | None:
+    """The SOF marker's second byte (0xC0 baseline, 0xC2 progressive, ...) and the frame's
+    sample precision in bits, read by walking the segments from the start; None when there is
+    no frame header before the scan."""
     at = 2  # after SOI
     while at + 4 <= len(data) and data[at] == 0xFF:
         marker = data[at + 1]
@@ -140,12 +143,17 @@ def _jpeg_frame(data: bytes) -> int | None:
             at += 1
             continue
         if marker in _HUFFMAN_FRAMES or marker in _ARITHMETIC_FRAMES:
-            return marker
+            return marker, data[at + 4] if at + 4 < len(data) else 0
         if marker == 0xDA:  # start of scan: no frame header before it
             return None
         (length,) = struct.unpack_from(">H", data, at + 2)
         at += 2 + length
     return None
+
+
+def _jpeg_frame(data: bytes) -> int | None:
+    sof = _jpeg_sof(data)
+    return None if sof is None else sof[0]
 
 
 def _check_jpeg_length(data: bytes, name: str, width: int, height: int) -> None:
@@ -197,6 +205,60 @@ def probe(data: bytes, name: str, max_pixels: int) -> int:
     without decoding: what a request's pixel budget is counted in."""
     width, height = _open(data, name, max_pixels).size
     return width * height
+
+
+# What a model's device decodes (nvJPEG, through torchvision): 8-bit Huffman-coded JPEGs,
+# sequential or progressive, in YCbCr or grayscale. Arithmetic-coded, lossless, 12-bit and
+# CMYK JPEGs, and every other format, decode on the CPU.
+_DEVICE_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+_DEVICE_MODES = frozenset({"RGB", "L"})
+# Resampling that the device reproduces (antialiased bilinear and bicubic on tensors); a model
+# that asks for nearest or Lanczos decodes on the CPU.
+_DEVICE_RESAMPLE = frozenset({Image.Resampling.BILINEAR, Image.Resampling.BICUBIC})
+# Larger JPEGs decode on the CPU: a batch of them would hold gigabytes of device memory at
+# full size, where the CPU path decodes at reduced scale when the model allows (jpeg_draft).
+DEVICE_DECODE_MAX_PIXELS = 24_000_000
+
+
+def device_decodes(transform: ImageTransform) -> bool:
+    """Whether the device can produce ``transform``'s input at all (RGB, a resampling it
+    reproduces); when not, every image of that model decodes on the CPU."""
+    return transform.mode == "RGB" and transform.resample in _DEVICE_RESAMPLE
+
+
+def plan_device_decode(
+    data: bytes, name: str, max_pixels: int, transform: ImageTransform
+) -> tuple[int, EncodedImage | None]:
+    """The pixel count of one upload, its header checked as ``probe`` checks it, and the upload
+    as an ``EncodedImage`` for the model's device to decode, or None when the CPU must decode
+    it (see ``_DEVICE_FRAMES``). No pixel data is decoded here."""
+    image = _open(data, name, max_pixels)
+    width, height = image.size
+    if not (
+        image.format == "JPEG"
+        and image.mode in _DEVICE_MODES
+        and width * height <= DEVICE_DECODE_MAX_PIXELS
+        and device_decodes(transform)
+    ):
+        return width * height, None
+    sof = _jpeg_sof(data)
+    if sof is None or sof[0] not in _DEVICE_FRAMES or sof[1] != 8:
+        return width * height, None
+    try:
+        orientation = int(image.getexif().get(_ORIENTATION, 1))
+    except CORRUPT:
+        # Pillow's exif_transpose would fail on this EXIF block too: the CPU path says why.
+        return width * height, None
+    upright = (height, width) if orientation in _TRANSPOSING else (width, height)
+    if transform.oversized(transform.geometry(upright)[0]):
+        return width * height, None
+    return width * height, EncodedImage(
+        name, data, orientation if 1 <= orientation <= 8 else 1, (width, height)
+    )
+
+
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+_TRANSPOSING = frozenset({5, 6, 7, 8})  # orientations that swap width and height
 
 
 def decode(
@@ -328,26 +390,35 @@ class ImageTransform:
         width, height = self._resized_size(size)
         return (2 * width, 2 * height)
 
+    def geometry(self, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """For an upright image of ``size`` (width, height): its (width, height) once resized,
+        and where the center crop starts in it, (left, top); negative where the crop is larger
+        than the image (it is padded with zeros there). The one definition of the geometry,
+        for the CPU path here and the device's (app/model/device_decode.py)."""
+        resized = self._resized_size(size) if self.resize is not None else size
+        return resized, (_crop_start(resized[0], self.crop), _crop_start(resized[1], self.crop))
+
+    def oversized(self, resized: tuple[int, int]) -> bool:
+        """A resize too large to materialise whole (see ``RESIZED_PIXEL_BUDGET``)."""
+        return resized[0] * resized[1] > RESIZED_PIXEL_BUDGET and min(resized) >= self.crop
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         """uint8 array of shape (crop, crop, channels)."""
         image = _to_mode(image, self.mode)
-        if self.resize is not None:
-            size = self._resized_size(image.size)
-            if size[0] * size[1] > RESIZED_PIXEL_BUDGET and min(size) >= self.crop:
-                # An extreme aspect ratio (a 20000x1 strip resized to a 256 short side is 1.3
-                # gigapixels): resample only the source region that lands in the crop.
-                return _as_array(self._resize_crop_box(image, size))
-            if size != image.size:
-                image = image.resize(size, self.resample)
-        width, height = image.size
-        left, top = _crop_start(width, self.crop), _crop_start(height, self.crop)
+        size, (left, top) = self.geometry(image.size)
+        if self.resize is not None and self.oversized(size):
+            # An extreme aspect ratio (a 20000x1 strip resized to a 256 short side is 1.3
+            # gigapixels): resample only the source region that lands in the crop.
+            return _as_array(self._resize_crop_box(image, size))
+        if size != image.size:
+            image = image.resize(size, self.resample)
         # PIL pads with zeros where the crop box leaves the image, as torchvision does.
         return _as_array(image.crop((left, top, left + self.crop, top + self.crop)))
 
     def _resize_crop_box(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
         """Resize-then-center-crop computed on the crop's source box only: bounded memory."""
         scale_x, scale_y = size[0] / image.width, size[1] / image.height
-        left, top = _crop_start(size[0], self.crop), _crop_start(size[1], self.crop)
+        left, top = self.geometry(image.size)[1]
         box = (
             left / scale_x,
             top / scale_y,

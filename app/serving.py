@@ -63,6 +63,8 @@ def load_model(spec: ModelSpec, settings: Settings) -> Classifier:
         settings.precision,
         settings.compile,
         settings.runtime,
+        max_batch_size=settings.max_batch_size,
+        max_image_pixels=settings.max_image_pixels,
     )
     try:
         classifier.warm_up(settings.max_batch_size)
@@ -83,10 +85,15 @@ async def start_model(
     logger.info("loading model %s (%s)", name, spec.config.model.source)
     # Loading reads files and runs a forward pass: keep it off the event loop.
     classifier = await asyncio.to_thread(load_model, spec, settings)
+    staged = classifier.stage_executor is not None
     try:
         batcher: Batcher[Item, TopK] = Batcher(
-            classifier.predict,
+            # On CUDA each batch is staged (copied, its JPEGs decoded) in the stage thread while
+            # the previous one computes; elsewhere one step does both (app/model/feed.py).
+            classifier.compute if staged else classifier.predict,
             classifier.executor,
+            stage=classifier.stage if staged else None,
+            stage_executor=classifier.stage_executor,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,

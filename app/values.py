@@ -4,6 +4,7 @@ import them without importing the model runtime (import-linter checks this; see 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol, get_args
@@ -19,13 +20,28 @@ RUNTIMES: tuple[Runtime, ...] = get_args(Runtime)
 EXPORTED_RUNTIMES: tuple[Runtime, ...] = tuple(r for r in RUNTIMES if r != "torch")
 
 
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """A JPEG left encoded for the model's device to decode, with its batch (GPU decode): its
+    header was read and checked on the CPU (``app.preprocessing.plan_device_decode``), its
+    pixels were not. ``orientation`` is its EXIF orientation (1 to 8, 1 upright); ``size`` its
+    stored (width, height), before that orientation."""
+
+    name: str
+    data: bytes
+    orientation: int
+    size: tuple[int, int]
+
+
 class Item(NamedTuple):
     """One image's input to a batch, and how many classes it wants back.
 
     ``array`` is uint8 ``(H, W, C)`` at the model's input size, or float32 ``(C, H, W)`` that the
-    client already normalised (the /v2 protocol allows both, even in one batch)."""
+    client already normalised (the /v2 protocol allows both, even in one batch), or a JPEG the
+    model's device decodes itself (``EncodedImage``, only for a model that decodes on its
+    device)."""
 
-    array: np.ndarray
+    array: np.ndarray | EncodedImage
     top_k: int
 
 
@@ -44,6 +60,8 @@ class PreprocessingFacts:
     color_mode: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # JPEG uploads go to the model encoded, for its device to decode (GPU decode).
+    device_decode: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +97,12 @@ class Runner(Protocol):
     def executor(self) -> Executor:
         """The one worker thread every forward pass of this model runs in."""
 
-    def predict(self, items: list[Item]) -> list[TopK]:
-        """Top-k of a batch; call only in ``executor``. Raises ``OutOfMemory`` when the batch
-        did not fit in the device's memory."""
+    def predict(self, items: list[Item]) -> Sequence[TopK | Exception]:
+        """Top-k of a batch (for an image its device could not decode, the error instead); call
+        only in ``executor``. Raises ``OutOfMemory`` when the batch did not fit in the device's
+        memory."""
 
-    def submit(self, items: list[Item]) -> Future[list[TopK]]:
+    def submit(self, items: list[Item]) -> Future[list[TopK | Exception]]:
         """``predict`` in the worker thread."""
 
     def describe(self) -> ModelFacts: ...

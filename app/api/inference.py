@@ -40,9 +40,16 @@ from app.batching import (
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
-from app.preprocessing import ImageError, ImageTooLarge, load_image, probe
+from app.preprocessing import (
+    ImageError,
+    ImageTooLarge,
+    ImageTransform,
+    load_image,
+    plan_device_decode,
+    probe,
+)
 from app.state import ServedModel, Serving
-from app.values import Item, TopK
+from app.values import EncodedImage, Item, TopK
 
 T = TypeVar("T")
 RETRY_AFTER = {"Retry-After": "1"}
@@ -200,6 +207,12 @@ class Inference:
                 "the model ran out of device memory on the batch holding this request; "
                 "retry, with fewer images"
             ) from None
+        # While decoding here, or (an image its device decodes) in its batch. The first bad
+        # image fails the request, naming itself; the others stop.
+        except ImageTooLarge as exc:
+            raise PayloadTooLarge(str(exc)) from None
+        except ImageError as exc:
+            raise InvalidImage(str(exc)) from None
         finally:
             arrival.cancel()
 
@@ -213,44 +226,54 @@ class Inference:
         items = [Item(array, k) for array in arrays]
         return await self.model.batcher.submit(items, remaining, arrival)
 
-    async def _decode(self, uploads: Sequence[Upload]) -> list[np.ndarray]:
-        """Decode and transform the encoded uploads in the decode pool; arrays pass through.
+    async def _decode(self, uploads: Sequence[Upload]) -> list[np.ndarray | EncodedImage]:
+        """Decode and transform the encoded uploads in the decode pool; arrays pass through,
+        and so do the JPEGs that the model's device decodes (as ``EncodedImage``).
 
         Every header is read first, so an image over the pixel limit, or images over the
         request's pixel budget together, are refused before any pixel is decoded. The first bad
-        one fails them all, naming itself, and the others stop."""
+        one fails them all, naming itself (``ImageError``), and the others stop."""
         settings = self.settings
         max_pixels, transform = settings.max_image_pixels, self.model.transform
         encoded = [(name, data) for name, data in uploads if not isinstance(data, np.ndarray)]
-        try:
-            if encoded:
-                pixels = await self.offload(_probe_all, encoded, max_pixels)
-                if pixels > settings.max_request_pixels:
-                    raise PayloadTooLarge(
-                        f"the images hold {pixels} pixels together ({len(encoded)} of them), "
-                        f"the limit per request is {settings.max_request_pixels}"
-                    )
-            return await _all_or_none(
-                [
-                    _ready(data)
-                    if isinstance(data, np.ndarray)
-                    else self.offload(load_image, data, name, max_pixels, transform)
-                    for name, data in uploads
-                ]
+        on_device: list[EncodedImage | None] = [None] * len(encoded)
+        if encoded:
+            plan = self.model.facts.preprocessing.device_decode
+            pixels, on_device = await self.offload(
+                _read_headers, encoded, max_pixels, transform if plan else None
             )
-        except ImageTooLarge as exc:
-            raise PayloadTooLarge(str(exc)) from None
-        except ImageError as exc:
-            raise InvalidImage(str(exc)) from None
+            if pixels > settings.max_request_pixels:
+                raise PayloadTooLarge(
+                    f"the images hold {pixels} pixels together ({len(encoded)} of them), "
+                    f"the limit per request is {settings.max_request_pixels}"
+                )
+        planned = iter(on_device)
+        return await _all_or_none(
+            [
+                _ready(data)
+                if isinstance(data, np.ndarray)
+                else _ready(device)
+                if (device := next(planned)) is not None
+                else self.offload(load_image, data, name, max_pixels, transform)
+                for name, data in uploads
+            ]
+        )
 
 
-def _probe_all(uploads: Sequence[tuple[str, bytes]], max_pixels: int) -> int:
-    """The pixels of every upload together, each header checked (one job: headers are cheap)."""
-    return sum(probe(data, name, max_pixels) for name, data in uploads)
+def _read_headers(
+    uploads: Sequence[tuple[str, bytes]], max_pixels: int, device: ImageTransform | None
+) -> tuple[int, list[EncodedImage | None]]:
+    """The pixels of every upload together, each header checked (one job: headers are cheap);
+    and, for a model that decodes JPEGs on its device (its ``device`` transform given), each
+    upload as the ``EncodedImage`` it gets, or None where the CPU must decode it."""
+    if device is None:
+        return sum(probe(data, name, max_pixels) for name, data in uploads), [None] * len(uploads)
+    plans = [plan_device_decode(data, name, max_pixels, device) for name, data in uploads]
+    return sum(pixels for pixels, _ in plans), [encoded for _, encoded in plans]
 
 
-async def _ready(array: np.ndarray) -> np.ndarray:
-    return array
+async def _ready(image: T) -> T:
+    return image
 
 
 async def _all_or_none(work: Sequence[Awaitable[T]]) -> list[T]:

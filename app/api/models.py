@@ -56,6 +56,7 @@ def model_info(model: ServedModel, serving: Serving) -> ModelInfo:
             color_mode=pre.color_mode,
             mean=list(pre.mean),
             std=list(pre.std),
+            device_decode=pre.device_decode,
         ),
     )
 

@@ -53,6 +53,11 @@ class PreprocessingInfo(BaseModel):
     color_mode: str
     mean: list[float]
     std: list[float]
+    device_decode: bool = Field(
+        default=False,
+        description="JPEG uploads are decoded on the model's device (GPU decode), a batch at "
+        "a time; other formats on the CPU.",
+    )
 
 
 class ModelInfo(BaseModel):
@@ -84,6 +89,7 @@ class ModelInfo(BaseModel):
                         "color_mode": "RGB",
                         "mean": [0.485, 0.456, 0.406],
                         "std": [0.229, 0.224, 0.225],
+                        "device_decode": False,
                     },
                 }
             ]

@@ -205,6 +205,9 @@ class CompiledBatches:
     def __init__(self, module: nn.Module, options: dict[str, Any]) -> None:
         # dynamic=False: one graph per compiled batch size.
         self._compiled: Any = torch.compile(module, dynamic=False, options=options)
+        # Captured as CUDA graphs (reduce-overhead): a replay writes its output where the
+        # previous replay's was, so each output is copied out before the next call.
+        self._cudagraphs = bool(options.get("triton.cudagraphs"))
         # The compiled sizes, and how each batch size runs as them; both set by ``plan``.
         self.buckets: tuple[int, ...] = ()
         self.plans: dict[int, tuple[int, ...]] = {}
@@ -237,14 +240,23 @@ class CompiledBatches:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         plan = self.plans.get(batch.shape[0])
         if plan is None:  # during warm-up: compile (or run) this size as it is
-            logits: torch.Tensor = self._compiled(batch)
-            return logits
+            return self._run(batch)
         parts, start = [], 0
         for bucket in plan:
             chunk = batch[start : start + bucket]
             start += chunk.shape[0]
-            parts.append(self._compiled(padded(chunk, bucket))[: chunk.shape[0]])
+            parts.append(self._run(padded(chunk, bucket))[: chunk.shape[0]])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        if not self._cudagraphs:
+            logits: torch.Tensor = self._compiled(batch)
+            return logits
+        # Each call is a new step for CUDA graph trees, whose outputs of the last step this
+        # code no longer holds (the clone below is what it keeps).
+        torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
+        replayed: torch.Tensor = self._compiled(batch)
+        return replayed.clone()
 
 
 class SplitBatches:

@@ -173,6 +173,12 @@ class PreprocessingSection(_Section):
     )
     mean: tuple[float, ...] = Field(description="Per-channel mean, on the 0..1 scale.")
     std: tuple[float, ...] = Field(description="Per-channel standard deviation, on the 0..1 scale.")
+    gpu_decode: bool = Field(
+        default=True,
+        description="On a CUDA device, decode JPEG uploads on the GPU, a batch at a time "
+        "(nvJPEG); other formats, and any image it refuses, decode on the CPU. RGB models "
+        "resized bilinear or bicubic only; not pixel-identical to the CPU path.",
+    )
     jpeg_draft: bool = Field(
         default=False,
         description="Decode a large JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) "

@@ -10,9 +10,9 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -20,7 +20,9 @@ from torch import nn
 
 from app import photos
 from app.model import exported
+from app.model.device_decode import DeviceDecoder
 from app.model.exported import ExportError, Forward
+from app.model.feed import Staged, StagingBuffers
 from app.model.keymaps import KEY_MAPS
 from app.model.optimize import (
     CompiledBatches,
@@ -30,8 +32,9 @@ from app.model.optimize import (
     fold_batchnorm,
 )
 from app.model.repository import ModelConfigError, ModelSpec
-from app.preprocessing import ImageTransform
+from app.preprocessing import ImageError, ImageTransform, device_decodes
 from app.values import (
+    EncodedImage,
     Item,
     ModelFacts,
     OutOfMemory,
@@ -42,6 +45,7 @@ from app.values import (
 )
 
 logger = logging.getLogger("evalserve.runtime")
+T = TypeVar("T")
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -273,11 +277,16 @@ def _check_exportable(
 # inductor options. freezing: the weights become constants that inductor folds and prepacks
 # (without it, measured no faster than eager on the CPU). cpp_wrapper, CPU only: the graph runs
 # from C++ with the GIL released; inductor's default Python wrapper holds the GIL through each
-# fused CPU kernel, which starves the event loop and the decode threads.
+# fused CPU kernel, which starves the event loop and the decode threads. triton.cudagraphs,
+# CUDA only, is what mode="reduce-overhead" sets (torch.compile takes a mode or options, not
+# both): each compiled batch size is captured as a CUDA graph at warm-up and replayed, one
+# launch instead of one per kernel, which is most of a small model's time on a large GPU.
 _COMPILE_OPTIONS: dict[str, dict[str, Any]] = {
     "cpu": {"freezing": True, "cpp_wrapper": True},
-    "cuda": {"freezing": True},
+    "cuda": {"freezing": True, "triton.cudagraphs": True},
 }
+# Staging buffers per model (see feed.StagingBuffers): one filling, one copying, one spare.
+_STAGING_BUFFERS = 3
 
 
 class Classifier:
@@ -293,6 +302,9 @@ class Classifier:
         precision: Precision | None = None,
         compile: bool | None = None,
         runtime: Runtime | None = None,
+        max_batch_size: int = 16,
+        max_image_pixels: int = 40_000_000,
+        device_decode: bool | None = None,
     ) -> None:
         self.spec = spec
         self.device = device
@@ -317,6 +329,13 @@ class Classifier:
             else cpu_worker()
         )
         self._worker_ident: int = self.executor.submit(self._init_worker).result()
+        # On CUDA the batcher stages the next batch in this thread while the worker computes
+        # the current one (app/model/feed.py); elsewhere both steps run in the worker.
+        self.stage_executor: ThreadPoolExecutor | None = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage-{spec.name}")
+            if device.type == "cuda"
+            else None
+        )
         self.module = self.executor.submit(self._load).result()
         self.compiled: CompiledBatches | None = (
             CompiledBatches(self.module, _COMPILE_OPTIONS[self.device.type]) if compiled else None
@@ -330,6 +349,33 @@ class Classifier:
             else None
         )
         pre = spec.preprocessing
+        self.transform = ImageTransform.from_spec(pre)
+        self.max_batch_size = max_batch_size
+        # JPEGs decoded on the device (app/model/device_decode.py): by default on CUDA, where
+        # the model allows it ([preprocessing] gpu_decode) and the device can reproduce its
+        # preprocessing; ``device_decode`` forces it either way (the CPU tests run it so).
+        decodes = device_decode
+        if decodes is None:
+            decodes = device.type == "cuda" and pre.gpu_decode
+        self.device_decoder: DeviceDecoder | None = (
+            DeviceDecoder(device, self.transform, max_image_pixels)
+            if decodes and device_decodes(self.transform)
+            else None
+        )
+        channels, height, width = spec.input_size
+        # The host buffers every batch's uint8 pixels are gathered in (feed.StagingBuffers).
+        self._staging = StagingBuffers(
+            (max_batch_size, height, width, channels),
+            torch.uint8,
+            _STAGING_BUFFERS,
+            pinned=device.type == "cuda",
+        )
+        # On CUDA a batch is staged on its own stream, so staging overlaps the computing.
+        self._side_stream = (
+            torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+            if device.type == "cuda"
+            else None
+        )
         shape = (1, pre.channels, 1, 1)
         # Normalisation runs in float32 whatever the precision; autocast casts at the convs.
         self._mean = torch.tensor(pre.mean, dtype=torch.float32, device=device).view(shape)
@@ -433,6 +479,7 @@ class Classifier:
                 color_mode=pre.color_mode,
                 mean=pre.mean,
                 std=pre.std,
+                device_decode=self.device_decoder is not None,
             ),
         )
 
@@ -523,34 +570,98 @@ class Classifier:
             ", ".join(f"{n}: {'+'.join(map(str, plan))}" for n, plan in planned.plans.items()),
         )
 
-    def _normalised(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """uint8 (H, W, C) images to a normalised float32 (B, C, H, W) batch on the device."""
-        stacked = torch.from_numpy(np.stack(images))
-        if self.device.type == "cuda":
-            stacked = stacked.pin_memory()  # so the copy below really is asynchronous
-        # One host-to-device copy of uint8, then convert and normalise on the device.
-        batch = stacked.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        # (B, H, W, C) memory seen as (B, C, H, W) is already channels_last: torch keeps it.
+    def _normalised(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) pixels on the device to the normalised float32 model input."""
         # An exported graph takes plain NCHW: reorder the uint8 pixels, 4x less to move than
         # the float32 batch (measured: 10% of the model thread's time went to that copy).
         if self._memory_format == torch.contiguous_format:
-            batch = batch.contiguous()
-        return batch.float().div_(255.0).sub_(self._mean).div_(self._std)
+            pixels = pixels.contiguous()
+        return pixels.float().div_(255.0).sub_(self._mean).div_(self._std)
 
     def _input_batch(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         """The model input for a batch of uint8 (H, W, C) images and/or float32 (C, H, W)
         tensors a client normalised itself (the /v2 protocol allows both, in one batch)."""
-        if all(array.dtype == np.uint8 for array in arrays):
-            batch = self._normalised(arrays)
-        else:
-            channels, height, width = self.spec.input_size
-            batch = torch.empty((len(arrays), channels, height, width), device=self.device)
-            images = [i for i, array in enumerate(arrays) if array.dtype == np.uint8]
-            tensors = [i for i, array in enumerate(arrays) if array.dtype != np.uint8]
-            if images:
-                batch[images] = self._normalised([arrays[i] for i in images])
-            stacked = torch.from_numpy(np.stack([arrays[i] for i in tensors]))
-            batch[tensors] = stacked.to(self.device, dtype=torch.float32)
+        staged = self._stage([Item(array, 1) for array in arrays])
+        assert not staged.failures
+        return self._model_input(staged)
+
+    def _stage(self, items: Sequence[Item]) -> Staged:
+        """Gather a batch's pixels into a staging buffer and start their copy to the device;
+        decode its JPEGs on the device. On CUDA everything is issued on the side stream and
+        ``ready`` is recorded after it; nothing here waits for the device."""
+        if self._side_stream is None:
+            return self._stage_on_stream(items)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._side_stream):
+            staged = self._stage_on_stream(items)
+            staged.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            staged.ready.record(self._side_stream)
+        return staged
+
+    def _stage_on_stream(self, items: Sequence[Item]) -> Staged:
+        pixels: dict[int, np.ndarray] = {}  # uint8 (H, W, C), decoded on the CPU
+        tensors: dict[int, np.ndarray] = {}  # float32 (C, H, W), normalised by the client
+        encoded: dict[int, EncodedImage] = {}  # JPEGs for the device to decode
+        for i, item in enumerate(items):
+            if isinstance(item.array, EncodedImage):
+                encoded[i] = item.array
+            elif item.array.dtype == np.uint8:
+                pixels[i] = item.array
+            else:
+                tensors[i] = item.array
+        uploaded = self._upload(list(pixels.values())) if pixels else None
+        if uploaded is not None and len(pixels) == len(items):
+            return Staged(items, uploaded)  # the common case: one copy, nothing else
+        # float32 once any item is a client's tensor (the others are normalised into it).
+        as_float = bool(tensors)
+        batch = torch.zeros(
+            (len(items), *self.spec.input_size),
+            dtype=torch.float32 if as_float else torch.uint8,
+            device=self.device,
+        ).contiguous(memory_format=torch.channels_last)
+        if uploaded is not None:
+            batch[list(pixels)] = self._normalised(uploaded) if as_float else uploaded
+        failures: dict[int, ImageError] = {}
+        if encoded:
+            if self.device_decoder is None:
+                raise ModelConfigError(self.spec.name, "this model does not decode on its device")
+            for i, decoded in zip(
+                encoded, self.device_decoder(list(encoded.values())), strict=True
+            ):
+                if isinstance(decoded, ImageError):
+                    failures[i] = decoded  # its row stays blank; the image gets its error
+                else:
+                    batch[i] = self._normalised(decoded[None])[0] if as_float else decoded
+        if tensors:
+            stacked = torch.from_numpy(np.stack(list(tensors.values())))
+            batch[list(tensors)] = stacked.to(self.device, dtype=torch.float32)
+        return Staged(items, batch, failures=failures)
+
+    def _upload(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """uint8 (H, W, C) images as one (B, C, H, W) channels_last batch on the device: gathered
+        in a staging buffer, then one (asynchronous, on CUDA) copy."""
+        index, host = self._staging.acquire(len(arrays))
+        np.stack(arrays, out=host.numpy())
+        # (B, H, W, C) memory seen as (B, C, H, W) is already channels_last: torch keeps it.
+        uploaded = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        fence = None
+        if self.device.type == "cuda":
+            fence = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            fence.record(torch.cuda.current_stream(self.device))
+        # On the CPU ``uploaded`` is the buffer itself, read before its turn comes again.
+        self._staging.release(index, fence)
+        return uploaded
+
+    def _model_input(self, staged: Staged) -> torch.Tensor:
+        """The staged batch as the model takes it, once the staging stream has delivered it."""
+        batch = staged.batch
+        if staged.ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(staged.ready)
+            # Made on the side stream, used on this one: the allocator must not hand its memory
+            # to the side stream again before this stream is done with it.
+            batch.record_stream(stream)
+        if batch.dtype == torch.uint8:
+            batch = self._normalised(batch)
         return batch.contiguous(memory_format=self._memory_format)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
@@ -564,37 +675,62 @@ class Classifier:
         logits: torch.Tensor = self.module(batch)
         return logits
 
-    def _logits(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
-        """The model's logits for a batch, checked for shape. Call under inference mode, in
-        the worker thread."""
-        batch = self._input_batch(arrays)
+    def _checked_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """The model's logits for a normalised batch, checked for shape. Call under inference
+        mode, in the worker thread."""
         with torch.autocast(
             self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
         ):
             logits = self._forward(batch)
-        if logits.ndim != 2 or logits.shape != (len(arrays), len(self.spec.labels)):
+        rows = batch.shape[0]
+        if logits.ndim != 2 or logits.shape != (rows, len(self.spec.labels)):
             raise ModelConfigError(
                 self.spec.name,
                 f"model output has shape {tuple(logits.shape)}, expected "
-                f"({len(arrays)}, {len(self.spec.labels)}) for {len(self.spec.labels)} labels",
+                f"({rows}, {len(self.spec.labels)}) for {len(self.spec.labels)} labels",
             )
         return logits
 
-    def logits_blocking(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    def _logits(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        return self._checked_logits(self._input_batch(arrays))
+
+    def logits_blocking(self, arrays: Sequence[np.ndarray | EncodedImage]) -> np.ndarray:
         """float32 logits of a batch, computed in the worker thread (for agreement tools)."""
 
         def run() -> np.ndarray:
             with torch.inference_mode():
-                return np.asarray(self._logits(arrays).float().cpu().numpy())
+                staged = self._stage([Item(array, 1) for array in arrays])
+                if staged.failures:
+                    raise next(iter(staged.failures.values()))
+                logits = self._checked_logits(self._model_input(staged))
+                return np.asarray(logits.float().cpu().numpy())
 
         return self.executor.submit(run).result()
 
-    def predict(self, items: Sequence[Item]) -> list[TopK]:
-        """Top-k classes of a batch. Runs in the worker thread (``self.executor``): use
-        ``submit`` or ``predict_blocking`` from anywhere else. Raises ``OutOfMemory`` when the
-        batch did not fit in the device's memory (the batcher then tries it in halves)."""
+    def stage(self, items: Sequence[Item]) -> Staged:
+        """The first step of ``predict`` (see app/model/feed.py), for the stage thread: raises
+        ``OutOfMemory`` as ``predict`` does."""
+        return self._out_of_memory_as_ours(lambda: self._staged(items))
+
+    def compute(self, staged: Staged) -> list[TopK | Exception]:
+        """The second step of ``predict``, in the worker thread: top-k of a staged batch, and
+        for an image that could not be decoded its error instead."""
+        return self._out_of_memory_as_ours(lambda: self._answers(staged))
+
+    def predict(self, items: Sequence[Item]) -> list[TopK | Exception]:
+        """Top-k classes of a batch (for an image that could not be decoded, its error). Runs
+        in the worker thread (``self.executor``): use ``submit`` or ``predict_blocking`` from
+        anywhere else. Raises ``OutOfMemory`` when the batch did not fit in the device's memory
+        (the batcher then tries it in halves)."""
+        return self._out_of_memory_as_ours(lambda: self._answers(self._staged(items)))
+
+    def _staged(self, items: Sequence[Item]) -> Staged:
+        with torch.inference_mode():
+            return self._stage(items)
+
+    def _out_of_memory_as_ours(self, step: Callable[[], T]) -> T:
         try:
-            return self._top_k(items)
+            return step()
         except torch.cuda.OutOfMemoryError as exc:
             cause = " ".join(str(exc).split())[:300]
         # Out of the except block, torch's error is gone, and with its traceback the batch's
@@ -603,27 +739,42 @@ class Classifier:
             torch.cuda.empty_cache()
         raise OutOfMemory(f"out of memory on {self.device}: {cause}")
 
-    def _top_k(self, items: Sequence[Item]) -> list[TopK]:
+    def _answers(self, staged: Staged) -> list[TopK | Exception]:
+        items = staged.items
         with torch.inference_mode():
-            logits = self._logits([item.array for item in items])
+            logits = self._checked_logits(self._model_input(staged))
             k = min(max(item.top_k for item in items), logits.shape[1])
             scores, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
-            scores_list, indices_list = scores.cpu().tolist(), indices.cpu().tolist()
-        return [
-            TopK(row_scores[: item.top_k], row_indices[: item.top_k])
-            for row_scores, row_indices, item in zip(scores_list, indices_list, items, strict=True)
-        ]
+            # One device-to-host copy brings every answer back: the class indices travel as
+            # float32 beside the scores (exact below 2**24 classes).
+            packed = torch.cat([scores, indices.float()], dim=1).cpu()
+        rows = packed.tolist()
+        answers: list[TopK | Exception] = []
+        for i, (row, item) in enumerate(zip(rows, items, strict=True)):
+            failure = staged.failures.get(i)
+            if failure is not None:
+                answers.append(failure)
+            else:
+                answers.append(TopK(row[: item.top_k], [int(c) for c in row[k : k + item.top_k]]))
+        return answers
 
-    def submit(self, items: Sequence[Item]) -> Future[list[TopK]]:
+    def submit(self, items: Sequence[Item]) -> Future[list[TopK | Exception]]:
         """``predict`` in the model's worker thread; the future of its result."""
         return self.executor.submit(self.predict, items)
 
     def predict_blocking(self, items: Sequence[Item]) -> list[TopK]:
         """``predict`` in the worker thread, waiting for it: for tools and warm-up, never for
-        code on the event loop."""
-        return self.submit(items).result()
+        code on the event loop. Raises the error of the first image that could not be decoded."""
+        answers = []
+        for answer in self.submit(items).result():
+            if isinstance(answer, Exception):
+                raise answer
+            answers.append(answer)
+        return answers
 
     def close(self) -> None:
         """Free the model's own worker thread (the shared CPU worker stays for the others)."""
+        if self.stage_executor is not None:
+            self.stage_executor.shutdown(wait=True)
         if self._owns_executor:
             self.executor.shutdown(wait=True)

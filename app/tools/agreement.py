@@ -1,5 +1,7 @@
 """``evalserve agreement``: how often a reduced precision (bf16, fp16) or an exported runtime
-(onnxruntime, openvino) picks the same top-1 class as torch in fp32.
+(onnxruntime, openvino) picks the same top-1 class as torch in fp32; or (``gpu_decode``) how
+often JPEGs decoded on the model's device (nvJPEG and a tensor resize, app/model/device_decode.py)
+give the same top-1 class as the same JPEGs decoded and resized on the CPU by Pillow.
 
 Neither is worth offering without this number: both sides run the served code path
 (``Classifier``: same preprocessing, same device, the model built as the server builds it) over
@@ -10,6 +12,7 @@ the largest logit difference.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +22,26 @@ import numpy as np
 from PIL import Image
 
 from app import photos
-from app.model.repository import discover
-from app.preprocessing import ImageTransform, decode
-from app.values import EXPORTED_RUNTIMES, Precision, Runtime
+from app.model.repository import ModelConfigError, discover
+from app.preprocessing import (
+    ImageTransform,
+    decode,
+    device_decodes,
+    load_image,
+    plan_device_decode,
+)
+from app.values import EXPORTED_RUNTIMES, EncodedImage, Precision, Runtime
 
-# What can be compared with torch fp32: a reduced precision, or an exported runtime.
+# What can be compared with torch fp32: a reduced precision, an exported runtime, or decoding
+# JPEGs on the model's device.
+GPU_DECODE = "gpu_decode"
 CANDIDATES: tuple[str, ...] = (
     *(p for p in get_args(Precision) if p != "fp32"),
     *EXPORTED_RUNTIMES,
+    GPU_DECODE,
 )
+# The quality the test images are encoded at for the gpu_decode comparison (a web upload's).
+JPEG_QUALITY = 90
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 CROP_FRACTIONS = (0.8, 0.6, 0.4)
@@ -111,6 +125,8 @@ def measure(
 
     from app.model.runtime import Classifier, resolve_device
 
+    if candidate == GPU_DECODE:
+        return _measure_device_decode(repository, model, device, batch, images)
     sides: list[tuple[Precision, Runtime]] = [("fp32", "torch")]
     if candidate in ("bf16", "fp16"):
         sides.append((cast(Precision, candidate), "torch"))
@@ -136,6 +152,68 @@ def measure(
             classifier.close()
         logits.append(np.concatenate(parts))
     return compare(model, candidate, str(where), logits[0], logits[1])
+
+
+def _measure_device_decode(
+    repository: Path, model: str, device: str, batch: int, images: list[Image.Image] | None
+) -> Agreement:
+    """The test images as JPEGs, decoded by the CPU path (Pillow) and by the model's device
+    (on a CPU device, libjpeg and the same tensor resize), both run by torch in fp32."""
+    import torch
+
+    from app.model.runtime import Classifier, resolve_device
+
+    spec = discover(repository, model)[model]
+    transform = ImageTransform.from_spec(spec.preprocessing)
+    if not device_decodes(transform):
+        raise ModelConfigError(
+            model, "its preprocessing decodes on the CPU only (RGB, bilinear or bicubic needed)"
+        )
+    uploads = []
+    for image in test_images() if images is None else images:
+        encoded = io.BytesIO()
+        image.convert("RGB").save(encoded, "JPEG", quality=JPEG_QUALITY)
+        uploads.append(encoded.getvalue())
+    max_pixels = 10 * max(image_size(data) for data in uploads)
+    cpu_side: list[np.ndarray | EncodedImage] = [
+        load_image(data, f"image {i}", max_pixels, transform) for i, data in enumerate(uploads)
+    ]
+    device_side: list[np.ndarray | EncodedImage] = []
+    for i, data in enumerate(uploads):
+        planned = plan_device_decode(data, f"image {i}", max_pixels, transform)[1]
+        if planned is None:
+            raise ValueError(f"image {i} would not be decoded on the device")
+        device_side.append(planned)
+    where = resolve_device(device)
+    classifier = Classifier(
+        spec,
+        where,
+        torch.get_num_threads(),
+        "fp32",
+        compile=False,
+        runtime="torch",
+        max_image_pixels=max_pixels,
+        device_decode=True,
+    )
+    try:
+        logits = [
+            np.concatenate(
+                [
+                    classifier.logits_blocking(side[start : start + batch])
+                    for start in range(0, len(side), batch)
+                ]
+            )
+            for side in (cpu_side, device_side)
+        ]
+    finally:
+        classifier.close()
+    return compare(model, GPU_DECODE, str(where), logits[0], logits[1])
+
+
+def image_size(data: bytes) -> int:
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+    return width * height
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

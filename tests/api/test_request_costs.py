@@ -68,7 +68,7 @@ def client() -> Iterator[TestClient]:
 def test_a_full_queue_answers_503_before_decoding_anything(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    probes, decodes = Calls(monkeypatch, "_probe_all"), Calls(monkeypatch, "load_image")
+    probes, decodes = Calls(monkeypatch, "_read_headers"), Calls(monkeypatch, "load_image")
     batcher = client.app.state.serving.models[DEFAULT_MODEL].batcher  # type: ignore[attr-defined]
     # All but one place is held by images of other requests, still decoding.
     held = client.portal.call(batcher.announce, batcher.max_queue_size - 1)  # type: ignore[union-attr]
