@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor
@@ -63,7 +64,8 @@ class BatchObserver(Protocol):
     """Told about every batch, e.g. to record metrics. Called on the event loop: keep it cheap."""
 
     def batch_done(self, queue_seconds: Sequence[float], compute_seconds: float) -> None:
-        """A batch succeeded; how long each of its items waited, and how long compute took."""
+        """A batch succeeded; how long each of its items waited, and how long its steps ran
+        (stage and compute, in their threads)."""
 
     def batch_failed(self, size: int) -> None:
         """A batch of ``size`` items raised."""
@@ -453,10 +455,11 @@ class Batcher(Generic[T, R]):
         try:
             if self._stage is not None:
                 assert self._stage_executor is not None
-                staged = await self._in(self._stage_executor, self._stage, payloads)
-                outputs = await self._in(self._executor, self._compute, staged)
+                staged, staging = await self._in(self._stage_executor, self._stage, payloads)
+                outputs, computing = await self._in(self._executor, self._compute, staged)
+                computing += staging
             else:
-                outputs = await self._in(self._executor, self._compute, payloads)
+                outputs, computing = await self._in(self._executor, self._compute, payloads)
             pairs = list(zip(items, outputs, strict=True))
         except WorkerLost:
             raise
@@ -480,16 +483,18 @@ class Batcher(Generic[T, R]):
                 item.future.set_exception(output)
             else:
                 item.future.set_result(output)
-        self._notify(
-            "batch_done", [started - item.enqueued_at for item in items], loop.time() - started
-        )
+        self._notify("batch_done", [started - item.enqueued_at for item in items], computing)
         return None
 
-    async def _in(self, executor: Executor, function: Callable[[Any], Any], argument: Any) -> Any:
-        """``function(argument)`` in ``executor``; ``WorkerLost`` when it takes no more work."""
+    async def _in(
+        self, executor: Executor, function: Callable[[Any], Any], argument: Any
+    ) -> tuple[Any, float]:
+        """``function(argument)`` in ``executor``, and the seconds it ran there (not counting
+        its wait for the executor: with two batches in flight, one waits for the other);
+        ``WorkerLost`` when the executor takes no more work."""
         loop = asyncio.get_running_loop()
         try:
-            pending = loop.run_in_executor(executor, function, argument)
+            pending = loop.run_in_executor(executor, _timed, function, argument)
         except Exception as exc:  # shut down (RuntimeError), or broken: for good
             raise WorkerLost(f"{self.name}: its worker takes no more work ({exc})") from exc
         try:
@@ -524,3 +529,9 @@ class Batcher(Generic[T, R]):
             self.stall_after_s,
         )
         self._notify("batch_stalled", size)
+
+
+def _timed(function: Callable[[Any], Any], argument: Any) -> tuple[Any, float]:
+    began = time.perf_counter()
+    result = function(argument)
+    return result, time.perf_counter() - began
