@@ -105,12 +105,18 @@ class DeviceDecoder:
         try:
             return list(self._decode_many(encoded))
         except RuntimeError as exc:
-            if len(images) > 1:
+            if len(images) == 1:
                 logger.info(
-                    "the device refused a batch of %d JPEGs (%s); one at a time",
-                    len(images),
+                    "the device refused %s (%s); decoding it on the CPU",
+                    images[0].name,
                     _brief(exc),
                 )
+                return [None]
+            logger.info(
+                "the device refused a batch of %d JPEGs (%s); one at a time",
+                len(images),
+                _brief(exc),
+            )
         results: list[torch.Tensor | None] = []
         for image, data in zip(images, encoded, strict=True):
             try:
