@@ -367,25 +367,33 @@ class Batcher(Generic[T, R]):
             while self.death is None:
                 await slots.acquire()
                 batch = await self._collect()
-                if batch is None:
+                if batch is None or not self._start(batch, slots):
                     break
-                # Items whose caller gave up while the batch gathered are not computed.
-                live = [item for item in batch if not item.future.done()]
-                if self.death is not None:
-                    for item in live:
-                        item.future.set_exception(
-                            BatcherDead(f"{self.name} stopped computing: its batch loop died")
-                        )
-                    break
-                if not live:
-                    slots.release()
-                    continue
-                task = asyncio.get_running_loop().create_task(self._batch(live))
-                self._tasks.add(task)
-                task.add_done_callback(partial(self._batch_finished, slots))
+                # Nothing of the batch stays referenced here while the next one gathers: an
+                # answered item's payload (an image, a shared-memory region) is freed at once.
+                del batch
         finally:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _start(self, batch: list[_Item[T, R]], slots: asyncio.Semaphore) -> bool:
+        """Start computing ``batch`` in a task of its own (it holds one of ``slots`` until
+        done); False when the loop has died meanwhile (its items then fail)."""
+        # Items whose caller gave up while the batch gathered are not computed.
+        live = [item for item in batch if not item.future.done()]
+        if self.death is not None:
+            for item in live:
+                item.future.set_exception(
+                    BatcherDead(f"{self.name} stopped computing: its batch loop died")
+                )
+            return False
+        if not live:
+            slots.release()
+            return True
+        task = asyncio.get_running_loop().create_task(self._batch(live))
+        self._tasks.add(task)
+        task.add_done_callback(partial(self._batch_finished, slots))
+        return True
 
     def _batch_finished(self, slots: asyncio.Semaphore, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

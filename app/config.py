@@ -170,6 +170,14 @@ class Settings(BaseSettings):
         description="Most open connections; a connection beyond them is answered 503.",
     )
 
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="HTTP front-end processes; above 1 they hand images to the one process "
+        "that runs the models, through shared memory.",
+    )
+
     def api_key_list(self) -> list[str]:
         """The configured keys (empty when API keys are off)."""
         if self.api_keys is None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 from app import __version__
 from app.api import docs, health, models, predict, ui, v2
@@ -21,20 +21,48 @@ from app.batching import Batcher
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
-from app.serving import open_serving
 from app.state import ServedModel, Serving
 
 logger = logging.getLogger("evalserve")
 
+# What serves the app's models while its lifespan runs: given the settings, the app's metrics
+# and lifecycle, a context that yields the ``Serving`` and stops it on exit.
+OpenModels = Callable[[Settings, Metrics, Lifecycle], AbstractAsyncContextManager[Serving]]
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app. Models load when its lifespan starts, not here."""
-    settings = settings or Settings()
-    metrics = Metrics()
-    lifecycle = Lifecycle()
+
+def open_local_models(
+    settings: Settings, metrics: Metrics, lifecycle: Lifecycle
+) -> AbstractAsyncContextManager[Serving]:
+    """The models loaded in this process (``app.serving``, which imports torch: imported here,
+    so that an app built with other models, a front-end of ``app.workers``, never loads it)."""
+    from app.serving import open_serving
 
     def batch_loop_died(model: str, exc: BaseException) -> None:
         lifecycle.fail(f"model {model}: its batch loop died ({exc!r})")
+
+    return open_serving(
+        settings,
+        observer=metrics.observer,
+        on_death=batch_loop_died,
+        # Models loaded or unloaded later join or leave the gauges too.
+        watch=partial(_watch_model, metrics, lifecycle),
+        unwatch=metrics.unwatch_model,
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    open_models: OpenModels = open_local_models,
+    metrics: Metrics | None = None,
+    routers: Sequence[APIRouter] = (),
+) -> FastAPI:
+    """Build the app. Models load when its lifespan starts, not here: by default in this
+    process; ``open_models`` serves them from elsewhere (``app.handoff``'s front-end), whose
+    ``routers`` come before the usual routes (its /metrics)."""
+    settings = settings or Settings()
+    metrics = metrics or Metrics()
+    lifecycle = Lifecycle()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,16 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     # Bound first, so a taken port fails before minutes of loading; until the
                     # models are ready it answers not ready. It stops after the batchers.
                     await stack.enter_async_context(serve_grpc(app.state, settings))
-                serving = await stack.enter_async_context(
-                    open_serving(
-                        settings,
-                        observer=metrics.observer,
-                        on_death=batch_loop_died,
-                        # Models loaded or unloaded later join or leave the gauges too.
-                        watch=partial(_watch_model, metrics, lifecycle),
-                        unwatch=metrics.unwatch_model,
-                    )
-                )
+                serving = await stack.enter_async_context(open_models(settings, metrics, lifecycle))
             except Exception as exc:
                 # One line naming the model and the cause; the traceback only at debug level
                 # (app.server keeps uvicorn from printing it again).
@@ -91,6 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifecycle=lifecycle,
         max_header_bytes=settings.max_header_bytes,
     )
+    for router in routers:
+        app.include_router(router)
     app.include_router(predict.router)
     app.include_router(models.router)
     app.include_router(health.router)

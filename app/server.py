@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs
@@ -216,8 +217,17 @@ def queued_connections(sock: socket.socket) -> int:
 
 def run(settings: Settings) -> int:
     """Serve until stopped: 0 after a clean stop, 1 after a fatal failure while serving, 2 when
-    the port cannot be bound, 3 when a model cannot load."""
+    the port cannot be bound (or the configuration is refused), 3 when a model cannot load.
+    With ``workers`` above 1, ``app.workers`` runs the models here and the HTTP front-ends in
+    processes of their own."""
     logs.configure(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        from app.workers import refusal
+
+        problem = refusal(settings)
+        if problem is not None:
+            print(f"evalserve: cannot start: {problem}", file=sys.stderr)
+            return 2
     try:
         sock = bind(settings.host, settings.port)
     except PortInUse as exc:
@@ -232,7 +242,19 @@ def run(settings: Settings) -> int:
             sock.close()
             print(f"evalserve: cannot start: {exc} (gRPC)", file=sys.stderr)
             return 2
+    if settings.workers > 1:
+        from app.workers import run_owner
+
+        return run_owner(settings, sock)
     app = create_app(settings)
+    host, port = sock.getsockname()[:2]
+    logger.info("listening on http://%s:%d once the models are ready", host, port)
+    return serve(app, settings, sock)
+
+
+def serve(app: FastAPI, settings: Settings, sock: socket.socket) -> int:
+    """Serve ``app`` on ``sock`` (bound; closed on return) until stopped, draining on SIGTERM:
+    0 after a clean stop, 1 after a fatal failure while serving, 3 when the lifespan failed."""
     config = uvicorn.Config(
         QuietStartupFailure(app),
         lifespan="on",
@@ -254,8 +276,6 @@ def run(settings: Settings) -> int:
     lifecycle: Lifecycle = app.state.lifecycle
     server = DrainingServer(config, lifecycle, settings)
     lifecycle.on_failure(server.fail)
-    host, port = sock.getsockname()[:2]
-    logger.info("listening on http://%s:%d once the models are ready", host, port)
     try:
         server.run(sockets=[sock])
     except SystemExit as exc:  # uvicorn's way of saying the lifespan failed
