@@ -15,6 +15,11 @@ Mean batch sizes, and the server's own count of the requests it answered, come f
 server's ``/metrics``.
 Results go to a JSON file and a PNG plot.
 
+With ``null_model`` the model is the null model (app/tools/null_model.py): a forward pass that
+does next to nothing, with the decode and preprocessing of the model it stands in for, written
+to a temporary model repository and served and measured exactly as any model. What it sustains
+is the front end's limit (HTTP, JSON, decode, batching), the ceiling of every model.
+
 This is a benchmark, not a test: its numbers depend on the machine and on what else runs on it.
 Compare ratios within one run.
 """
@@ -22,6 +27,7 @@ Compare ratios within one run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -31,6 +37,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -48,8 +55,8 @@ from app.config import Settings
 from app.model.exported import available
 from app.model.repository import discover
 from app.model.runtime import choose_runtime, resolve_device
-from app.preprocessing import ImageTransform, load_image
-from app.values import EXPORTED_RUNTIMES, Item, Precision, Runtime, TopK
+from app.preprocessing import ImageTransform, load_image, plan_device_decode
+from app.values import EXPORTED_RUNTIMES, EncodedImage, Item, Precision, Runtime, TopK
 
 
 def web_jpegs(size: tuple[int, int] = (500, 375), quality: int = 90) -> list[bytes]:
@@ -84,7 +91,8 @@ class Level:
     mean_batch_size: float
     # Requests the server itself counted on the predict route during the level (any status, any
     # model): requests + errors, unless one never reached it, went uncounted, or (with --url)
-    # came from another client.
+    # came from another client. With several front-end processes (EVALSERVE_WORKERS), each
+    # counts only its own requests: then the images the model process computed (one a request).
     server_requests: int
     fraction_of_limit: float = 0.0
     # Against the fastest runtime's in-process limit (the served one's unless --peer-limit).
@@ -110,20 +118,33 @@ def measure_limit(settings: Settings, model: str, images: list[bytes], seconds: 
         settings.precision,
         settings.compile,
         settings.runtime,
+        max_batch_size=settings.max_batch_size,
+        max_image_pixels=settings.max_image_pixels,
     )
     transform = ImageTransform.from_spec(spec.preprocessing)
     size, top_k = settings.max_batch_size, min(settings.default_top_k, len(spec.labels))
     batch = [images[i % len(images)] for i in range(size)]
+    on_device = classifier.device_decoder is not None
 
-    def decode(data: bytes) -> np.ndarray:
+    def decode(data: bytes) -> np.ndarray | EncodedImage:
+        # What the server's decode pool does: on a GPU, read the JPEG's header only.
+        if on_device:
+            planned = plan_device_decode(data, "bench", settings.max_image_pixels, transform)[1]
+            if planned is not None:
+                return planned
         return load_image(data, "bench", settings.max_image_pixels, transform)
 
     try:
         classifier.warm_up(size)
         with ThreadPoolExecutor(settings.decode_threads) as pool:
 
-            def forward(arrays: list[np.ndarray]) -> Future[list[TopK]]:
-                return classifier.submit([Item(a, top_k) for a in arrays])
+            def forward(arrays: list[np.ndarray | EncodedImage]) -> Future[list[TopK | Exception]]:
+                items = [Item(a, top_k) for a in arrays]
+                if classifier.stage_executor is None:
+                    return classifier.submit(items)
+                # On CUDA, as the batcher runs it: staged in the stage thread, then computed.
+                staged = classifier.stage_executor.submit(classifier.stage, items)
+                return classifier.executor.submit(lambda: classifier.compute(staged.result()))
 
             # One image end to end, as a lone client's request sees it (minus HTTP).
             singles = []
@@ -131,13 +152,18 @@ def measure_limit(settings: Settings, model: str, images: list[bytes], seconds: 
                 began = time.perf_counter()
                 forward([decode(images[i % len(images)])]).result()
                 singles.append(time.perf_counter() - began)
-            # Batches, with the next batch's decoding overlapping this batch's forward pass.
+            # Batches, with the next batch's decoding overlapping this batch's forward pass (and
+            # on CUDA its staging too: two batches in flight, as the batcher has them).
             pending = forward(list(pool.map(decode, batch)))
             batches, began = 0, time.perf_counter()
             while time.perf_counter() - began < seconds:
                 arrays = list(pool.map(decode, batch))
-                pending.result()
-                pending = forward(arrays)
+                if classifier.stage_executor is not None:
+                    pending, previous = forward(arrays), pending
+                    previous.result()
+                else:
+                    pending.result()
+                    pending = forward(arrays)
                 batches += 1
             pending.result()
             elapsed = time.perf_counter() - began
@@ -163,12 +189,17 @@ class ServerTotals:
     batches: float  # evalserve_batch_size_count of the model
     predict_requests: float  # evalserve_requests_total on PREDICT_ROUTE, POST, every status
     grpc_infers: float  # evalserve_grpc_requests_total of ModelInfer, every code
+    # /metrics came from one of several front-end processes (evalserve_frontend_info): its HTTP
+    # counters are that process's alone, its model figures the whole server's.
+    front_end: bool = False
 
 
 def server_totals(url: str, model: str) -> ServerTotals:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     batched_images = batches = predict_requests = grpc_infers = 0.0
+    front_end = False
     for family in text_string_to_metric_families(text):
+        front_end = front_end or family.name == "evalserve_frontend_info"
         for sample in family.samples:
             name, labels = sample.name, sample.labels
             if name == "evalserve_batch_size_sum" and labels.get("model") == model:
@@ -179,7 +210,7 @@ def server_totals(url: str, model: str) -> ServerTotals:
                 predict_requests += sample.value if labels.get("method") == "POST" else 0.0
             elif name == "evalserve_grpc_requests_total" and labels.get("method") == "ModelInfer":
                 grpc_infers += sample.value
-    return ServerTotals(batched_images, batches, predict_requests, grpc_infers)
+    return ServerTotals(batched_images, batches, predict_requests, grpc_infers, front_end)
 
 
 class HttpClient:
@@ -326,7 +357,13 @@ async def drive(
         after = server_totals(url, model)
     finally:
         await asyncio.gather(*(client.close() for client in pool))
-    counted = "grpc_infers" if grpc_target else "predict_requests"
+    counted = (
+        "grpc_infers"
+        if grpc_target
+        else "batched_images"
+        if after.front_end
+        else "predict_requests"
+    )
     ordered = sorted(latencies) or [float("nan")]
 
     def percentile(p: float) -> float:
@@ -427,13 +464,81 @@ def run(
     api_key: str | None = None,
     protocol: str = "http",
     grpc_target: str | None = None,
+    null_model: bool = False,
 ) -> dict[str, Any]:
     """Benchmark a model over ``protocol`` (http or grpc; with ``url``, gRPC goes to
-    ``grpc_target``, by default the URL's host on port 8001) and write JSON and a plot."""
+    ``grpc_target``, by default the URL's host on port 8001) and write JSON and a plot.
+
+    With ``null_model``, benchmark the null model instead, with the preprocessing of ``model``
+    (by default the default model): over ``url``, the server's model ``null``."""
     overrides: dict[str, Any] = {"precision": precision, "compile": compile, "runtime": runtime}
     # Only what was asked for: the rest (and an unset option) still comes from the environment.
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
     model = model or settings.default_model
+    with contextlib.ExitStack() as stack:
+        stands_in_for = None
+        if null_model:
+            from app.tools import null_model as null
+
+            # In a repository of its own, removed after the run (the limit, measured last,
+            # loads it too).
+            repository = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="evalserve-")))
+            original = discover(settings.model_repository, model)[model]
+            null.write_repository(repository, original)
+            settings = settings.model_copy(
+                update={"model_repository": repository, "default_model": null.NAME}
+            )
+            model, stands_in_for = null.NAME, model
+        return _run(
+            settings,
+            model=model,
+            stands_in_for=stands_in_for,
+            url=url,
+            concurrency=concurrency,
+            seconds=seconds,
+            out=out,
+            precision=precision,
+            compile=compile,
+            peer_limit=peer_limit,
+            api_key=api_key,
+            protocol=protocol,
+            grpc_target=grpc_target,
+        )
+
+
+def probe(url: str, model: str, image: bytes, api_key: str | None) -> dict[str, Any]:
+    """The server's answer to one image, before the load: what the JSON reports it served."""
+    headers = {"Content-Type": "image/jpeg"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    response = httpx.post(
+        f"{url}/v1/models/{model}/predict", content=image, headers=headers, timeout=120
+    )
+    if response.status_code != 200:
+        raise RuntimeError(
+            f"the server at {url} did not answer an image for the model {model!r} "
+            f"({response.status_code}: {response.text[:300]})"
+        )
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def _run(
+    settings: Settings,
+    *,
+    model: str,
+    stands_in_for: str | None,
+    url: str | None,
+    concurrency: list[int],
+    seconds: float,
+    out: Path,
+    precision: Precision | None,
+    compile: bool | None,
+    peer_limit: bool,
+    api_key: str | None,
+    protocol: str,
+    grpc_target: str | None,
+) -> dict[str, Any]:
     spec = discover(settings.model_repository, model)[model]
     served_runtime = choose_runtime(
         spec,
@@ -461,6 +566,7 @@ def run(
     elif protocol == "grpc" and grpc_target is None:
         grpc_target = f"{httpx.URL(url).host}:8001"
     try:
+        answer = probe(url, model, images[0], api_key)
         served = [
             asyncio.run(
                 drive(
@@ -509,6 +615,10 @@ def run(
         "url": url if process is None else "started by bench",
         "seconds_per_level": seconds,
         "settings": settings.model_dump(mode="json", exclude={"api_keys"}),
+        # What the server answered to the first image (images[0]) before the load.
+        "probe": answer,
+        # The null model's run: the model whose decode and preprocessing it had.
+        "null_model": {"stands_in_for": stands_in_for} if stands_in_for else None,
         "limit": asdict(limit),
         # In-process limits by runtime (with --peer-limit, every runtime installed here).
         "limits": peers,
@@ -519,8 +629,10 @@ def run(
     compiled = "-compiled" if result["compiled"] else ""
     engine = "" if served_runtime == "torch" else f"-{served_runtime}"
     over = "" if protocol == "http" else f"-{protocol}"
+    # The null model's results are named after the model it stands in for, apart from its own.
+    name = f"null-model-{stands_in_for}" if stands_in_for else model
     stem = (
-        f"{model}-{result['precision']}{compiled}{engine}{over}-{result['device'].replace(':', '')}"
+        f"{name}-{result['precision']}{compiled}{engine}{over}-{result['device'].replace(':', '')}"
     )
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     result["plot"] = str(out / f"{stem}.png") if plot(result, out / f"{stem}.png") else None
@@ -539,7 +651,17 @@ def _variant(result: dict[str, Any]) -> str:
 
 def format_result(result: dict[str, Any]) -> str:
     limit = result["limit"]
+    null = result.get("null_model")
     lines = [
+        *(
+            [
+                f"null model: a forward pass that does next to nothing (channel means), with "
+                f"the decode and preprocessing of {null['stands_in_for']}: what the front end "
+                "sustains (HTTP, JSON, decode, batching), the ceiling of any model"
+            ]
+            if null
+            else []
+        ),
         f"model {result['model']} ({_variant(result)}) on {result['device']}, "
         + ("over gRPC, " if result.get("protocol") == "grpc" else "")
         + f"{result['cpus']} CPUs",

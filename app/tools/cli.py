@@ -117,15 +117,24 @@ def _bench_parser(subparsers: Any) -> None:
     bench.add_argument(
         "--grpc-target", help="host:port of the gRPC server with --url (default: port 8001)"
     )
+    bench.add_argument(
+        "--null-model",
+        action="store_true",
+        help="benchmark a model whose forward pass does next to nothing, with the decode and "
+        "preprocessing of --model (default: the default model): the front end's limit. With "
+        "--url, the server's model 'null' (python -m app.tools.null_model DIR writes it)",
+    )
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where results go")
 
 
 def _agreement_parser(subparsers: Any) -> None:
     agreement = subparsers.add_parser(
         "agreement",
-        help="top-1 agreement of a reduced precision or an exported runtime with torch fp32",
-        description="Run a model with torch in fp32 and as CANDIDATE (a precision, or an "
-        "exported runtime) over the shipped photographs and their crops (448 images), or over "
+        help="top-1 agreement of a reduced precision, an exported runtime or GPU decode with "
+        "torch fp32 on the CPU path",
+        description="Run a model with torch in fp32 and as CANDIDATE (a precision, an "
+        "exported runtime, or gpu_decode: the same JPEGs decoded on the model's device instead "
+        "of by Pillow) over the shipped photographs and their crops (448 images), or over "
         "--images, and report how often the top-1 class agrees and how far the logits differ.",
     )
     agreement.add_argument(
@@ -262,7 +271,9 @@ def agreement(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(asdict(found), indent=2))
         return 0
     line = (
-        f"{found.model} {found.candidate} vs torch fp32 on {found.device}: top-1 agreement "
+        f"{found.model} {found.candidate} vs "
+        + ("the CPU's decoding" if found.candidate == "gpu_decode" else "torch fp32")
+        + f" on {found.device}: top-1 agreement "
         f"{found.top1_agreement:.2%} over {found.images} images (95% interval "
         f"{found.top1_agreement_95ci[0]:.2%} to {found.top1_agreement_95ci[1]:.2%}); "
         f"largest top-1 score change {found.max_top1_score_change:.4f}; "
@@ -292,6 +303,7 @@ def bench(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         protocol=args.protocol,
         grpc_target=args.grpc_target,
+        null_model=args.null_model,
     )
     print(bench.format_result(result))
     return 0
