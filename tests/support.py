@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
     from app.model.runtime import Classifier
+    from app.preprocessing import ImageTransform
     from app.state import ServedModel
+    from app.values import EncodedImage
 
 ROOT = Path(__file__).resolve().parents[1]
 # The JPEG photographs ship with evalserve (bench and agreement use them); the PNGs are tests'.
@@ -89,6 +91,23 @@ def jpeg_of(image: Any, **save: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", **save)
     return buffer.getvalue()
+
+
+def web_jpeg(name: str, **save: Any) -> bytes:
+    """A shipped photograph re-encoded as a typical web upload (RGB JPEG, quality 90)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(photo(name))) as image:
+        return jpeg_of(image.convert("RGB"), **{"quality": 90, **save})
+
+
+def device_jpeg(data: bytes, transform: ImageTransform, name: str = "upload.jpg") -> EncodedImage:
+    """``data`` as the request path hands it to a model that decodes JPEGs on its device."""
+    from app.preprocessing import plan_device_decode
+
+    planned = plan_device_decode(data, name, 40_000_000, transform)[1]
+    assert planned is not None, f"{name} would be decoded on the CPU"
+    return planned
 
 
 def digits_trainer():
@@ -214,6 +233,20 @@ class ServerProcess:
 
     def wait_exit(self, timeout: float = 180.0) -> int:
         return self.process.wait(timeout=timeout)
+
+
+@contextmanager
+def ready_server(log: Path, *args: str, **env: str) -> Iterator[ServerProcess]:
+    """A ready server whose stopping the test itself controls (and checks); killed if the test
+    left it running."""
+    server = ServerProcess(log, *args, **env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+        server.process.wait()
 
 
 @contextmanager

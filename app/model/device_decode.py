@@ -24,7 +24,7 @@ from torchvision.io import ImageReadMode
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as tvf
 
-from app.preprocessing import ImageError, ImageTransform, load_image
+from app.preprocessing import ImageError, ImageTransform, device_decodes, load_image
 from app.values import EncodedImage
 
 logger = logging.getLogger("evalserve.decode")
@@ -59,7 +59,7 @@ class DeviceDecoder:
     """Decodes a batch's ``EncodedImage``s on ``device`` into the model's uint8 input."""
 
     def __init__(self, device: torch.device, transform: ImageTransform, max_pixels: int) -> None:
-        if transform.mode != "RGB" or transform.resample.name.lower() not in _INTERPOLATION:
+        if not device_decodes(transform):
             raise ValueError("the device decodes RGB models resized bilinear or bicubic only")
         self.device = device
         self.transform = transform

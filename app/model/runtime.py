@@ -578,11 +578,13 @@ class Classifier:
             pixels = pixels.contiguous()
         return pixels.float().div_(255.0).sub_(self._mean).div_(self._std)
 
-    def _input_batch(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
-        """The model input for a batch of uint8 (H, W, C) images and/or float32 (C, H, W)
-        tensors a client normalised itself (the /v2 protocol allows both, in one batch)."""
+    def _input_batch(self, arrays: Sequence[np.ndarray | EncodedImage]) -> torch.Tensor:
+        """The model input for a batch of uint8 (H, W, C) images, float32 (C, H, W) tensors a
+        client normalised itself (the /v2 protocol allows both, in one batch) and/or JPEGs the
+        device decodes; raises the error of the first that could not be decoded."""
         staged = self._stage([Item(array, 1) for array in arrays])
-        assert not staged.failures
+        if staged.failures:
+            raise next(iter(staged.failures.values()))
         return self._model_input(staged)
 
     def _stage(self, items: Sequence[Item]) -> Staged:
@@ -691,18 +693,12 @@ class Classifier:
             )
         return logits
 
-    def _logits(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
-        return self._checked_logits(self._input_batch(arrays))
-
     def logits_blocking(self, arrays: Sequence[np.ndarray | EncodedImage]) -> np.ndarray:
         """float32 logits of a batch, computed in the worker thread (for agreement tools)."""
 
         def run() -> np.ndarray:
             with torch.inference_mode():
-                staged = self._stage([Item(array, 1) for array in arrays])
-                if staged.failures:
-                    raise next(iter(staged.failures.values()))
-                logits = self._checked_logits(self._model_input(staged))
+                logits = self._checked_logits(self._input_batch(arrays))
                 return np.asarray(logits.float().cpu().numpy())
 
         return self.executor.submit(run).result()

@@ -7,29 +7,27 @@ these with ``pytest -m cuda``."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 from support import (
     CAT_CLASSES,
     DEFAULT_MODEL,
     MODELS,
     PHOTOS,
     classifier_of,
-    jpeg_of,
+    device_jpeg,
     make_settings,
-    photo,
+    web_jpeg,
 )
 
 from app.main import create_app
 from app.model.repository import discover
 from app.model.runtime import Classifier
-from app.preprocessing import BadImage, load_image, plan_device_decode
-from app.values import EncodedImage, Item, TopK
+from app.preprocessing import BadImage, load_image
+from app.values import Item, TopK
 
 pytestmark = pytest.mark.cuda
 MAX_PIXELS = 40_000_000
@@ -45,17 +43,6 @@ def gpu_classifier() -> Iterator[Classifier]:
         model.close()
 
 
-def web_jpeg(name: str) -> bytes:
-    with Image.open(io.BytesIO(photo(name))) as image:
-        return jpeg_of(image.convert("RGB"), quality=90)
-
-
-def planned(classifier: Classifier, data: bytes, name: str = "upload.jpg") -> EncodedImage:
-    plan = plan_device_decode(data, name, MAX_PIXELS, classifier.transform)[1]
-    assert plan is not None
-    return plan
-
-
 def test_a_cuda_model_decodes_jpegs_with_nvjpeg_and_agrees_with_the_cpu_path(
     gpu_classifier: Classifier,
 ) -> None:
@@ -63,7 +50,9 @@ def test_a_cuda_model_decodes_jpegs_with_nvjpeg_and_agrees_with_the_cpu_path(
     assert decoder is not None  # [preprocessing] gpu_decode is on by default on CUDA
     before = decoder.decoded
     uploads = [web_jpeg(name) for name in PHOTOS]
-    on_gpu = gpu_classifier.predict_blocking([Item(planned(gpu_classifier, d), 5) for d in uploads])
+    on_gpu = gpu_classifier.predict_blocking(
+        [Item(device_jpeg(d, gpu_classifier.transform), 5) for d in uploads]
+    )
     assert decoder.decoded - before == len(uploads)  # nvJPEG decoded every one
     cpu_arrays = [load_image(d, "x", MAX_PIXELS, gpu_classifier.transform) for d in uploads]
     on_cpu = gpu_classifier.predict_blocking([Item(a, 5) for a in cpu_arrays])
@@ -78,9 +67,9 @@ def test_an_image_nvjpeg_cannot_decode_fails_alone_in_its_batch(
     assert decoder is not None
     cat = web_jpeg("chelsea.jpg")
     batch = [
-        Item(planned(gpu_classifier, cat), 3),
-        Item(planned(gpu_classifier, cat[: len(cat) // 2], "cut.jpg"), 3),
-        Item(planned(gpu_classifier, web_jpeg("coffee.jpg")), 3),
+        Item(device_jpeg(cat, gpu_classifier.transform), 3),
+        Item(device_jpeg(cat[: len(cat) // 2], gpu_classifier.transform, "cut.jpg"), 3),
+        Item(device_jpeg(web_jpeg("coffee.jpg"), gpu_classifier.transform), 3),
     ]
     fell_back = decoder.fell_back
     answers = gpu_classifier.submit(batch).result()

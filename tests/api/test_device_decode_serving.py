@@ -6,7 +6,6 @@ the CUDA calls runs here with the real model; tests/api/test_cuda.py runs it on 
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,15 +14,24 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from support import CAT_CLASSES, DEFAULT_MODEL, MODELS, PHOTOS, jpeg_of, make_settings, photo
+from support import (
+    CAT_CLASSES,
+    DEFAULT_MODEL,
+    MODELS,
+    PHOTOS,
+    device_jpeg,
+    make_settings,
+    photo,
+    web_jpeg,
+)
 
 from app.batching import Batcher
 from app.main import create_app
 from app.model.repository import ModelConfigError, discover
 from app.model.runtime import Classifier
-from app.preprocessing import BadImage, ImageTransform, load_image, plan_device_decode
+from app.preprocessing import BadImage, load_image
 from app.state import ServedModel
-from app.values import EncodedImage, Item, TopK
+from app.values import Item, TopK
 
 MAX_PIXELS = 40_000_000
 
@@ -38,21 +46,10 @@ def classifier() -> Iterator[Classifier]:
         model.close()
 
 
-def web_jpeg(name: str) -> bytes:
-    with Image.open(io.BytesIO(photo(name))) as image:
-        return jpeg_of(image.convert("RGB"), quality=90)
-
-
-def encoded(data: bytes, transform: ImageTransform, name: str = "upload.jpg") -> EncodedImage:
-    plan = plan_device_decode(data, name, MAX_PIXELS, transform)[1]
-    assert plan is not None
-    return plan
-
-
 def test_jpegs_decoded_with_their_batch_get_the_cpu_paths_classes(classifier: Classifier) -> None:
     transform = classifier.transform
     uploads = [web_jpeg(name) for name in PHOTOS]
-    on_device = classifier.predict_blocking([Item(encoded(d, transform), 5) for d in uploads])
+    on_device = classifier.predict_blocking([Item(device_jpeg(d, transform), 5) for d in uploads])
     on_cpu = classifier.predict_blocking(
         [Item(load_image(d, "upload", MAX_PIXELS, transform), 5) for d in uploads]
     )
@@ -69,10 +66,10 @@ def test_each_kind_of_item_in_one_batch_gets_its_own_answer(classifier: Classifi
     mean = np.array(classifier.spec.preprocessing.mean, dtype=np.float32)[:, None, None]
     std = np.array(classifier.spec.preprocessing.std, dtype=np.float32)[:, None, None]
     tensor = ((array.transpose(2, 0, 1) / np.float32(255) - mean) / std).astype(np.float32)
-    cut = encoded(cat[: len(cat) // 2], transform, "cut.jpg")
+    cut = device_jpeg(cat[: len(cat) // 2], transform, "cut.jpg")
     batch = [
         Item(array, 3),
-        Item(encoded(cat, transform), 5),
+        Item(device_jpeg(cat, transform), 5),
         Item(tensor, 2),
         Item(cut, 5),
     ]
@@ -93,7 +90,7 @@ def test_concurrent_requests_through_staged_batches_are_each_answered_rightly(
     transform = classifier.transform
     uploads = [web_jpeg(name) for name in PHOTOS]
     expected = [a.indices for a in classifier.predict_blocking(
-        [Item(encoded(d, transform), 3) for d in uploads]
+        [Item(device_jpeg(d, transform), 3) for d in uploads]
     )]  # fmt: skip
     storages = [buffer.data_ptr() for buffer in classifier._staging.buffers]
 
@@ -111,7 +108,7 @@ def test_concurrent_requests_through_staged_batches_are_each_answered_rightly(
             batcher.start()
             answers = await asyncio.gather(
                 *[
-                    batcher.submit([Item(encoded(uploads[i % 8], transform), 3)], 60)
+                    batcher.submit([Item(device_jpeg(uploads[i % 8], transform), 3)], 60)
                     for i in range(24)
                 ]
             )

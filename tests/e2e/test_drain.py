@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import ServerProcess, photo
+from support import ServerProcess, photo, ready_server
 
 pytestmark = pytest.mark.e2e
 
@@ -27,15 +27,11 @@ pytestmark = pytest.mark.e2e
 @contextmanager
 def server_process(**env: str) -> Iterator[ServerProcess]:
     """A ready server whose stopping the test itself controls (and checks)."""
-    with tempfile.TemporaryDirectory() as folder:
-        server = ServerProcess(Path(folder) / "server.log", **env)
-        try:
-            server.wait_ready()
-            yield server
-        finally:
-            if server.process.poll() is None:
-                server.process.kill()
-            server.process.wait()
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        ready_server(Path(folder) / "server.log", **env) as server,
+    ):
+        yield server
 
 
 @dataclass

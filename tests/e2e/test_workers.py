@@ -11,12 +11,11 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from support import MODELS, PHOTOS, ROOT, ServerProcess, fixture, metric, photo
+from support import MODELS, PHOTOS, ROOT, ServerProcess, fixture, metric, photo, ready_server
 
 pytestmark = pytest.mark.e2e
 
@@ -71,19 +70,6 @@ def post(url: str, names: list[str], model: str = MODEL, top_k: int = 5) -> http
         return client.post(
             f"{url}/v1/models/{model}/predict", params={"top_k": top_k}, files=files, timeout=60
         )
-
-
-@contextmanager
-def started(log: Path, **env: str) -> Iterator[ServerProcess]:
-    """A ready server; killed if the test left it running (each test checks its own exit)."""
-    server = ServerProcess(log, **env)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()
-        server.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +155,7 @@ def test_overload_is_answered_503_with_retry_after(servers) -> None:
 
 
 def test_sigterm_answers_the_requests_in_flight_and_exits_0(tmp_path: Path) -> None:
-    with started(
+    with ready_server(
         tmp_path / "server.log",
         EVALSERVE_WORKERS="2",
         EVALSERVE_MODEL_REPOSITORY=str(MODELS / MODEL),
@@ -207,7 +193,7 @@ def test_sigterm_answers_the_requests_in_flight_and_exits_0(tmp_path: Path) -> N
 
 
 def test_a_front_end_that_dies_stops_the_server_with_exit_1(tmp_path: Path) -> None:
-    with started(
+    with ready_server(
         tmp_path / "server.log",
         EVALSERVE_WORKERS="2",
         EVALSERVE_MODEL_REPOSITORY=str(MODELS / "digits"),

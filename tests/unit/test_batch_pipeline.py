@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 
@@ -112,6 +114,31 @@ def test_an_item_answered_with_an_error_fails_alone() -> None:
     assert good == [36]
 
 
+@asynccontextmanager
+async def two_steps(
+    stage: Callable[[list[int]], list[int]],
+    compute: Callable[[list[int]], Sequence[int]],
+    **options: Any,
+) -> AsyncIterator[Batcher[int, int]]:
+    """A started batcher of ``stage`` then ``compute``, each in a thread of its own, batches of
+    at most 4 closed at once, stopped on exit."""
+    with ThreadPoolExecutor(1) as stager, ThreadPoolExecutor(1) as worker:
+        batcher: Batcher[int, int] = Batcher(
+            compute,
+            worker,
+            stage=stage,
+            stage_executor=stager,
+            max_batch_size=4,
+            max_queue_size=8,
+            **{"max_delay_s": 0.0, **options},
+        )
+        batcher.start()
+        try:
+            yield batcher
+        finally:
+            await batcher.stop()
+
+
 def test_a_batch_out_of_memory_in_its_staging_is_staged_again_as_two_halves() -> None:
     staged_sizes: list[int] = []
 
@@ -121,23 +148,14 @@ def test_a_batch_out_of_memory_in_its_staging_is_staged_again_as_two_halves() ->
             raise OutOfMemory("staging 4 images did not fit")
         return items
 
+    def plus_one(items: list[int]) -> list[int]:
+        return [i + 1 for i in items]
+
     async def main() -> list[int]:
-        with ThreadPoolExecutor(1) as stager, ThreadPoolExecutor(1) as worker:
-            batcher: Batcher[int, int] = Batcher(
-                lambda items: [i + 1 for i in items],
-                worker,
-                stage=stage,
-                stage_executor=stager,
-                max_batch_size=4,
-                max_delay_s=0.5,
-                max_queue_size=8,
-                split_on=OutOfMemory,
-            )
-            batcher.start()
+        async with two_steps(stage, plus_one, max_delay_s=0.5, split_on=OutOfMemory) as batcher:
             answers = await batcher.submit([1, 2, 3, 4], 30)
-            await batcher.stop()
-            assert batcher.stats.split_batches == 1
-            return answers
+        assert batcher.stats.split_batches == 1
+        return answers
 
     assert asyncio.run(main()) == [2, 3, 4, 5]
     assert staged_sizes == [4, 2, 2]
@@ -150,21 +168,10 @@ def test_a_staging_failure_fails_its_batch_and_serving_goes_on() -> None:
         return items
 
     async def main() -> tuple[BaseException | list[int], list[int]]:
-        with ThreadPoolExecutor(1) as stager, ThreadPoolExecutor(1) as worker:
-            batcher: Batcher[int, int] = Batcher(
-                lambda items: list(items),
-                worker,
-                stage=stage,
-                stage_executor=stager,
-                max_batch_size=4,
-                max_delay_s=0.0,
-                max_queue_size=8,
-            )
-            batcher.start()
+        async with two_steps(stage, list) as batcher:
             failed = await asyncio.gather(batcher.submit([13], 30), return_exceptions=True)
             after = await batcher.submit([7], 30)
-            await batcher.stop()
-            return failed[0], after
+        return failed[0], after
 
     failed, after = asyncio.run(main())
     assert isinstance(failed, BatchFailed)
@@ -185,21 +192,9 @@ def test_a_lone_item_too_large_even_alone_is_refused_after_staging_once() -> Non
         raise OutOfMemory("never fits")
 
     async def main() -> BaseException | list[int]:
-        with ThreadPoolExecutor(1) as stager, ThreadPoolExecutor(1) as worker:
-            batcher: Batcher[int, int] = Batcher(
-                lambda items: list(items),
-                worker,
-                stage=stage,
-                stage_executor=stager,
-                max_batch_size=4,
-                max_delay_s=0.0,
-                max_queue_size=8,
-                split_on=OutOfMemory,
-            )
-            batcher.start()
+        async with two_steps(stage, list, split_on=OutOfMemory) as batcher:
             (result,) = await asyncio.gather(batcher.submit([1], 30), return_exceptions=True)
-            await batcher.stop()
-            return result
+        return result
 
     assert isinstance(asyncio.run(main()), BatchTooLarge)
     assert calls == [1]

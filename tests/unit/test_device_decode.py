@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
-from support import PHOTOS, jpeg_of, photo
+from support import PHOTOS, jpeg_of, photo, web_jpeg
 
 from app.model.device_decode import DeviceDecoder, upright
 from app.preprocessing import (
@@ -28,11 +28,6 @@ from app.values import EncodedImage
 
 MAX_PIXELS = 40_000_000
 TRANSFORM = ImageTransform(resize=256, crop=224, mode="RGB", resample=Image.Resampling.BILINEAR)
-
-
-def web_jpeg(name: str, **save: object) -> bytes:
-    with Image.open(io.BytesIO(photo(name))) as image:
-        return jpeg_of(image.convert("RGB"), **save)
 
 
 def with_orientation(image: Image.Image, orientation: int) -> bytes:
