@@ -122,6 +122,18 @@ def test_concurrent_requests_through_staged_batches_are_each_answered_rightly(
     assert [buffer.data_ptr() for buffer in classifier._staging.buffers] == storages
 
 
+def test_every_batch_is_staged_in_one_of_three_buffers_made_once(classifier: Classifier) -> None:
+    cat = load_image(web_jpeg("chelsea.jpg"), "cat", MAX_PIXELS, classifier.transform)
+    buffers = {buffer.data_ptr() for buffer in classifier._staging.buffers}
+    staged_in = set()
+    for size in (1, 16, 5, 16, 3, 8, 2, 9):
+        staged = classifier.stage([Item(cat, 1)] * size)
+        # On the CPU the staged batch is the staging buffer itself: no copy, no allocation.
+        staged_in.add(staged.batch.data_ptr())
+        assert len({tuple(a.indices) for a in classifier.compute(staged)}) == 1  # type: ignore[union-attr]
+    assert staged_in == buffers
+
+
 def test_over_http_a_jpeg_the_model_decodes_answers_and_a_broken_one_fails_alone(
     classifier: Classifier,
 ) -> None:
